@@ -1,0 +1,1 @@
+"""Source-family adapters (installed as ucgm_convert.adapters)."""

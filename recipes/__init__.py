@@ -1,0 +1,1 @@
+"""Recipe YAML files, one per source model, shipped as package data."""
