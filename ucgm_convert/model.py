@@ -79,6 +79,8 @@ class GenerativeModel(nn.Module):
         self.net = net
         self.cfg = config
         self.transport: Transport = get_transport(config.transport)
+        # Weights of a VAE stored with the model (REPA-E end-to-end checkpoints), else None.
+        self.vae_state: dict[str, Tensor] | None = None
 
     @classmethod
     def build(cls, config: ModelConfig) -> "GenerativeModel":

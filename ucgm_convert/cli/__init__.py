@@ -12,6 +12,14 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+from .recipes import recipes_app  # noqa: E402
+
+app.add_typer(recipes_app, name="recipes")
+
+from .sample import sample_command  # noqa: E402
+
+app.command("sample")(sample_command)
+
 
 def main() -> None:
     """Entry point of the `ucgm` console script."""

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny models in our own checkpoint format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import ucgm_convert as uc
+
+TINY_SAMPLING = {
+    "steps": 3, "order": 1, "stochasticity": 0.0, "extrapolation": 0.0,
+    "time_dist": [1.0, 1.0, 1.0], "gaps": [0.001, 0.001], "cfg_scale": 1.0, "cfg_interval": [0.0, 1.0],
+}
+
+
+def tiny_model(seed: int = 0, sampling: dict | None = None) -> uc.GenerativeModel:
+    """A 2-block SiT on 3x8x8 pixels with 5 classes and random (non-zero) weights."""
+    config = uc.ModelConfig(
+        family="ucgm", arch="sit",
+        arch_kwargs=dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
+                         num_classes=5),
+        transport="Linear", num_classes=5, latent_shape=(3, 8, 8), recipe=None,
+        sampling=dict(TINY_SAMPLING if sampling is None else sampling),
+    )
+    torch.manual_seed(seed)
+    model = uc.GenerativeModel.build(config)
+    with torch.no_grad():
+        for p in model.net.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    """A tiny model saved in our format, with sampling defaults in config.json."""
+    return uc.save_checkpoint(tiny_model(), tmp_path / "tiny")

@@ -1,0 +1,69 @@
+"""`uc.load`: a checkpoint file, folder, embedded model or Hub repo id -> GenerativeModel."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UCGMError
+from .model import GenerativeModel
+
+EMBEDDED_PREFIX = "embedded:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def embedded_path(name: str) -> Path:
+    """The folder of a model shipped inside the package (e.g. "demo")."""
+    path = Path(str(resources.files("ucgm_convert.assets") / name))
+    if not path.is_dir():
+        raise UCGMError(f"no embedded model {name!r} (looked in {path})")
+    return path
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A local path for `source`: an existing path, `embedded:NAME`, or a Hub repo id (cached)."""
+    text = str(source)
+    if text.startswith(EMBEDDED_PREFIX):
+        return embedded_path(text[len(EMBEDDED_PREFIX):])
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if _HUB_ID.match(text) and not text.startswith((".", "/")):
+        return _hub_snapshot(text)
+    raise UCGMError(f"{text}: no such file or folder (and not a Hugging Face repo id like user/name)")
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """Download (or reuse from the cache, offline too) a Hub repo and return its local folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except LocalEntryNotFoundError:
+        raise UCGMError(f"{repo_id}: not in the local Hugging Face cache and the Hub is unreachable "
+                        "(offline?); download it once while online") from None
+    except HfHubHTTPError as err:
+        raise UCGMError(f"{repo_id}: Hugging Face Hub error: {err}") from None
+
+
+def load(
+    source: str | Path,
+    family: str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+) -> GenerativeModel:
+    """Load `source` as a GenerativeModel; the family is detected from the contents unless given."""
+    from ucgm_convert.adapters import detect_family, get_adapter
+
+    path = resolve_source(source)
+    name = family if family is not None else detect_family(path)
+    adapter = get_adapter(name)
+    if family is not None and not adapter.detect(path):
+        raise UCGMError(f"{path}: does not look like a {family!r} checkpoint")
+    return adapter.load(path, device=device, dtype=dtype, **overrides)

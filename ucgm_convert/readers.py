@@ -1,0 +1,67 @@
+"""Reading checkpoint files safely, once: torch files with weights_only + mmap, cached by path.
+
+Adapters call these in `detect` and `load`, so detection never loads a file twice and no
+checkpoint can run code while being read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import UCGMError
+
+# Plain-data classes that released checkpoints pickle besides tensors (REPA-E stores its
+# argparse Namespace under "args"); nothing here can execute code when unpickled.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+
+
+def is_torch_zip(path: Path) -> bool:
+    """True for a torch.save zip archive (the format of every .pt/.ckpt since torch 1.6)."""
+    return path.is_file() and zipfile.is_zipfile(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_torch_cached(path: str, mtime_ns: int, size: int) -> Any:
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise UCGMError(f"{path}: refused to load: the file pickles objects other than tensors and "
+                        f"plain data, which could run code ({str(err).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise UCGMError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?): "
+                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
+def read_torch(path: str | Path) -> Any:
+    """torch.load(path) with weights_only=True and mmap (weights stay on disk until used)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UCGMError(f"{path}: no such file")
+    if not is_torch_zip(path):
+        raise UCGMError(f"{path}: not a PyTorch zip checkpoint (torch.save format)")
+    stat = path.stat()
+    return _read_torch_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+def tensor_dict(obj: Any, source: str, key: str | None = None) -> dict[str, Tensor]:
+    """`obj[key]` (or obj) as a str -> Tensor dict, with an error naming the file and key."""
+    value = obj if key is None else (obj.get(key) if isinstance(obj, Mapping) else None)
+    where = f"{source}" + (f" [{key!r}]" if key else "")
+    if not isinstance(value, Mapping) or not all(isinstance(v, Tensor) for v in value.values()):
+        raise UCGMError(f"{where}: expected a state dict (name -> tensor)")
+    return dict(value)
+
+
+def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries under `prefix`, with the prefix removed (others dropped)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
