@@ -20,6 +20,10 @@ from .sample import sample_command  # noqa: E402
 
 app.command("sample")(sample_command)
 
+from .convert import convert_command  # noqa: E402
+
+app.command("convert")(convert_command)
+
 
 def main() -> None:
     """Entry point of the `ucgm` console script."""
