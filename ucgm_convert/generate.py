@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import UCGMError
 from .guidance import guided
@@ -70,8 +70,12 @@ def generate_batch(
     seed: int,
     dtype: str = "float32",
     step_callback: Callable[[int, Tensor], None] | None = None,
+    vae_module: nn.Module | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Sample the given indices: returns (latents [B, C, H, W] float32, images [B, H, W, 3] uint8)."""
+    """Sample the given indices: returns (latents [B, C, H, W] float32, images [B, H, W, 3] uint8).
+
+    `vae_module` decodes latents (`vae.load_model_vae(model)`); pixel-space models need none.
+    """
     device = model.device
     generators = sample_generators(seed, indices)
     noise = initial_noise(generators, model.latent_shape).to(device)
@@ -86,7 +90,7 @@ def generate_batch(
             y=y,
             **settings.as_sample_kwargs(),
         )
-        images = to_uint8(decode(latents, model.cfg.vae).cpu())
+        images = to_uint8(decode(latents, model.cfg.vae, vae_module).cpu())
     return latents.cpu(), images
 
 

@@ -65,5 +65,9 @@ def load(
     name = family if family is not None else detect_family(path)
     adapter = get_adapter(name)
     if family is not None and not adapter.detect(path):
-        raise UCGMError(f"{path}: does not look like a {family!r} checkpoint")
+        try:
+            actual = f"its contents look like a {detect_family(path)!r} checkpoint"
+        except UCGMError as err:
+            actual = str(err)
+        raise UCGMError(f"{path}: does not look like a {family!r} checkpoint ({actual})")
     return adapter.load(path, device=device, dtype=dtype, **overrides)

@@ -9,18 +9,16 @@ and maps its output range to [0, 1]. `identity` is pixel space ([-1, 1] data, th
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderDC, AutoencoderKL
 from torch import Tensor, nn
 
-from .checkpoint import read_safetensors
 from .errors import UCGMError
-from .loading import _HUB_ID
 from .nets.ldm_vae import build_autoencoder_kl, diffusers_naming
 from .readers import read_torch, tensor_dict
 from .statedict import load_state_dict_strict
@@ -32,7 +30,7 @@ VAES = ("identity", "sd-vae", "ldm-f16d32", "dc-ae")
 PIXEL_RANGES = ("-1,1", "0,1")
 SPEC_FIELDS = ("name", "source", "latent_mean", "latent_std", "pixel_range", "norm_groups")
 # The diffusers class each name decodes with (f16d32 is an AutoencoderKL with attention levels).
-DIFFUSERS_CLASS = {"sd-vae": AutoencoderKL, "ldm-f16d32": AutoencoderKL, "dc-ae": AutoencoderDC}
+DIFFUSERS_CLASS = {"sd-vae": "AutoencoderKL", "ldm-f16d32": "AutoencoderKL", "dc-ae": "AutoencoderDC"}
 # GroupNorm groups of every released KL VAE; the weights cannot tell it (tiny test VAEs differ).
 DEFAULT_NORM_GROUPS = 32
 # Top-level parts of training checkpoints that are not the VAE: the latent-diffusion / VA-VAE
@@ -165,11 +163,17 @@ def vae_only(state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
     return kept
 
 
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from .checkpoint import read_safetensors  # on use: checkpoint -> model must be able to import this module
+
+    return read_safetensors(path)
+
+
 def read_vae_weights(path: Path) -> dict[str, Tensor]:
     """VAE tensors of one file: a bare state dict, a Lightning checkpoint (`state_dict`) or a
     REPA-E training checkpoint (`vae`), as .safetensors or a torch zip (read without pickled code)."""
     source = str(path)
-    obj: Any = read_safetensors(path) if path.suffix == ".safetensors" else read_torch(path)
+    obj: Any = _read_safetensors(path) if path.suffix == ".safetensors" else read_torch(path)
     if isinstance(obj, Mapping) and "state_dict" in obj:
         state = tensor_dict(obj, source, "state_dict")
     elif isinstance(obj, Mapping) and "vae" in obj and not isinstance(obj["vae"], Tensor):
@@ -186,21 +190,25 @@ def _diffusers_folder(name: str, folder: Path, dtype: torch.dtype) -> nn.Module:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UCGMError(f"{config_path}: not a readable JSON config: {err}") from None
-    cls = DIFFUSERS_CLASS[name]
-    if config.get("_class_name") != cls.__name__:
+    class_name = DIFFUSERS_CLASS[name]
+    if config.get("_class_name") != class_name:
         raise UCGMError(f"{config_path}: _class_name is {config.get('_class_name')!r}, but VAE {name!r} "
-                        f"needs a diffusers {cls.__name__}")
+                        f"needs a diffusers {class_name}")
     weights = next((folder / f for f in DIFFUSERS_WEIGHTS if (folder / f).is_file()), None)
     if weights is None:
         raise UCGMError(f"{folder}: no VAE weights ({' or '.join(DIFFUSERS_WEIGHTS)})")
-    state = read_safetensors(weights) if weights.suffix == ".safetensors" else tensor_dict(read_torch(weights), str(weights))
-    if cls is AutoencoderKL:
+    if weights.suffix == ".safetensors":
+        state = _read_safetensors(weights)
+    else:
+        state = tensor_dict(read_torch(weights), str(weights))
+    if class_name == "AutoencoderKL":
         state = diffusers_naming(state, str(weights))
+    cls = getattr(importlib.import_module("diffusers"), class_name)  # on use: diffusers imports slowly
     try:
         with torch.device("meta"):
             vae = cls.from_config(config)
     except (TypeError, ValueError) as err:
-        raise UCGMError(f"{config_path}: not a valid {cls.__name__} config: {err}") from None
+        raise UCGMError(f"{config_path}: not a valid {class_name} config: {err}") from None
     load_state_dict_strict(vae, {k: v.to(dtype) for k, v in state.items()}, str(weights), assign=True)
     return vae
 
@@ -242,6 +250,8 @@ def hub_folder(repo_id: str) -> Path:
 
 
 def _from_source(name: str, source: str, norm_groups: int, dtype: torch.dtype) -> nn.Module:
+    from .loading import _HUB_ID  # on use, like _read_safetensors
+
     path = Path(source).expanduser()
     if path.is_dir():
         return _from_folder(name, path, norm_groups, dtype)
@@ -278,7 +288,7 @@ def load_vae(
     else:
         raise UCGMError(f"VAE {name!r}: the model names no VAE weights (vae.source is null and it stores none); "
                         "pass --vae PATH (a VAE checkpoint file, a folder, or a Hugging Face repo id)")
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return vae.to(device=device).eval().requires_grad_(False)  # already in dtype
 
 
 def load_model_vae(

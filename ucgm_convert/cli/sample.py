@@ -17,6 +17,7 @@ from ..generate import balanced_labels, batches, generate_batch
 from ..images import save_grid, save_npz
 from ..loading import load
 from ..model import GenerativeModel
+from ..vae import load_model_vae
 from ..recipe import Recipe, SamplingSettings, apply_overrides, load_recipe
 from .common import clean_errors, console, parse_classes
 
@@ -63,6 +64,7 @@ def sample_command(
     recipe: Optional[str] = typer.Option(None, "--from", help="Recipe name (see `ucgm recipes list`). Default: demo, unless --checkpoint stores its own settings."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint file, folder, or Hub repo id. Default: the recipe's."),
     family: Optional[str] = typer.Option(None, "--family", help="Source family; detected from the file's contents when omitted."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="VAE weights: file (.pt/.ckpt/.safetensors), diffusers folder or Hub repo id. Default: the VAE stored with the model, else the one its config names."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps. Default: the recipe's."),
     order: Optional[int] = typer.Option(None, help="Solver order, 1 or 2. Default: the recipe's."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale; 1.0 = off. Default: the recipe's."),
@@ -105,6 +107,7 @@ def sample_command(
         "device / dtype": f"{device} / {dtype}",
         "NFE per sample": settings.nfe_label,
     }))
+    vae_module = load_model_vae(model, path=vae)
     all_images = np.zeros((num, *model.latent_shape[1:], 3), dtype=np.uint8)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
@@ -114,7 +117,7 @@ def sample_command(
             def on_step(i: int, _: torch.Tensor, start: int = index_range.start) -> None:
                 progress.update(task, description=f"sampling (batch at {start}, step {i + 1})")
             _, images = generate_batch(model, settings, [labels[i] for i in index_range], index_range, seed,
-                                       dtype, on_step)
+                                       dtype, on_step, vae_module)
             all_images[index_range.start:index_range.stop] = images.numpy()
             done = progress.tasks[task].completed + len(index_range)
             elapsed = progress.tasks[task].elapsed or 1e-9

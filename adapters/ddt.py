@@ -1,0 +1,189 @@
+"""DDT (MCG-NJU/DDT): PyTorch-Lightning checkpoints, sampled from the EMA copy `ema_denoiser.*`.
+
+The released files (MCG-NJU/DDT-XL-22en6de-R256 / -R512) are Lightning checkpoints whose
+`state_dict` holds the online network (`denoiser.*`), its EMA (`ema_denoiser.*`) and the REPA
+projector (`diffusion_trainer.*`); only the EMA is loaded. DDT's convention is ours as
+ReLinear: x_t = t x + (1 - t) z (t=0 noise, t=1 data), F = x - z; guidance on all channels.
+Latents are SD-VAE ft-EMA latents times 0.18215.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ucgm_convert.errors import UCGMError
+from ucgm_convert.model import GenerativeModel, ModelConfig
+from ucgm_convert.nets.ddt import DDT
+from ucgm_convert.readers import is_torch_zip, read_torch, strip_prefix
+from ucgm_convert.statedict import load_state_dict_strict
+
+NAME = "ddt"
+ARCH = "ddt"
+EMA_PREFIX = "ema_denoiser."
+COMPILED_PREFIX = "_orig_mod."  # torch.compile's wrapper, stripped wherever it appears
+SIGNATURE = "s_embedder.proj.weight"  # the encoder stream's patch embedding exists only in DDT
+ACCEPTED_OVERRIDES = ("encoder_depth", "in_channels", "resolution")
+PUBLISHED_SPLIT = (22, 6)  # DDT-XL/2 22en6de: encoder and decoder blocks
+DEFAULT_CHANNELS = 4  # SD-VAE latents; C*p*p = 16 is also 16 channels with patch 1
+DEFAULT_RESOLUTION = 256
+VAE_DOWNSAMPLE = 8
+RECIPES = {256: "ddt-256", 512: "ddt-512"}
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SD_VAE = {"name": "sd-vae", "source": "stabilityai/sd-vae-ft-ema", "latent_mean": 0.0,
+          "latent_std": 1 / 0.18215, "pixel_range": "-1,1"}
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _state_dict(path: Path) -> Mapping[str, Any] | None:
+    """The Lightning `state_dict` of `path`, or None when the file is not shaped like one."""
+    obj = read_torch(path)
+    state = obj.get("state_dict") if isinstance(obj, Mapping) else None
+    return state if isinstance(state, Mapping) else None
+
+
+def _uncompiled(key: str) -> str:
+    """`key` without torch.compile's `_orig_mod.` segments."""
+    return key.replace(COMPILED_PREFIX, "")
+
+
+def _is_ddt_file(path: Path) -> bool:
+    """A torch file whose `state_dict` has DDT's EMA encoder embedding `ema_denoiser.s_embedder.*`."""
+    if not is_torch_zip(path):
+        return False
+    state = _state_dict(path)
+    return state is not None and any(_uncompiled(k) == EMA_PREFIX + SIGNATURE for k in state)
+
+
+def _checkpoint_file(path: Path) -> Path | None:
+    """`path` itself, or the one DDT checkpoint directly inside a folder (a Hub snapshot)."""
+    if not path.is_dir():
+        return path if _is_ddt_file(path) else None
+    found = [f for f in sorted(path.iterdir()) if f.suffix in CHECKPOINT_SUFFIXES and _is_ddt_file(f)]
+    if len(found) > 1:
+        raise UCGMError(f"{path}: several DDT checkpoints ({', '.join(f.name for f in found)}); pass one file")
+    return found[0] if found else None
+
+
+def detect(path: Path) -> bool:
+    """True for a DDT Lightning checkpoint, or a folder holding exactly one."""
+    return _checkpoint_file(Path(path)) is not None
+
+
+def default_encoder_depth(depth: int) -> int:
+    """The published 22/6 split scaled to `depth`: round(depth * 22 / 28), kept in [1, depth - 1]."""
+    encoder, decoder = PUBLISHED_SPLIT
+    return min(max(round(depth * encoder / (encoder + decoder)), 1), max(depth - 1, 1))
+
+
+def _ema_weights(path: Path) -> dict[str, Tensor]:
+    """`ema_denoiser.*` of the Lightning checkpoint, prefixes (and `_orig_mod.`) removed."""
+    state = _state_dict(path)
+    if state is None:
+        raise UCGMError(f"{path}: expected a PyTorch-Lightning checkpoint (a dict with 'state_dict')")
+    weights = strip_prefix({_uncompiled(k): v for k, v in state.items()}, EMA_PREFIX)
+    if not weights:
+        prefixes = sorted({k.split(".", 1)[0] for k in state})
+        raise UCGMError(f"{path}: no '{EMA_PREFIX}*' weights in 'state_dict' (found prefixes: "
+                        f"{', '.join(prefixes) or 'none'})")
+    bad = [k for k, v in weights.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise UCGMError(f"{path}: 'state_dict' entries are not tensors: {', '.join(bad[:5])}")
+    return weights
+
+
+def _tensor(weights: Mapping[str, Tensor], key: str, ndim: int, path: Path) -> Tensor:
+    """weights[key] with `ndim` dimensions, else an error naming the file and the tensor."""
+    if key not in weights:
+        raise UCGMError(f"{path}: missing tensor '{EMA_PREFIX}{key}' (not a DDT checkpoint?)")
+    value = weights[key]
+    if value.ndim != ndim:
+        raise UCGMError(f"{path}: '{EMA_PREFIX}{key}' has shape {list(value.shape)}, expected {ndim} dimensions")
+    return value
+
+
+def _int_override(overrides: Mapping[str, Any], name: str, default: int, minimum: int, path: Path) -> int:
+    """An integer override >= minimum, or `default` when not given."""
+    value = overrides.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UCGMError(f"{path}: override {name}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+def infer_arch(weights: Mapping[str, Tensor], path: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """DDT constructor arguments from tensor shapes; encoder_depth and channels from overrides."""
+    embed = _tensor(weights, "x_embedder.proj.weight", 2, path)
+    hidden, patch_values = embed.shape
+    channels = _int_override(overrides, "in_channels", DEFAULT_CHANNELS, 1, path)
+    patch = math.isqrt(patch_values // channels)
+    if patch * patch * channels != patch_values:
+        raise UCGMError(f"{path}: '{EMA_PREFIX}x_embedder.proj.weight' has {patch_values} inputs per patch, "
+                        f"not {channels} channels x p x p; pass in_channels")
+    head_dim = _tensor(weights, "blocks.0.attn.q_norm.weight", 1, path).shape[0]
+    if hidden % head_dim or head_dim % 4:
+        raise UCGMError(f"{path}: '{EMA_PREFIX}blocks.0.attn.q_norm.weight' gives head_dim {head_dim}, which "
+                        f"must divide hidden size {hidden} and be a multiple of 4")
+    block_ids = [int(m.group(1)) for k in weights if (m := _BLOCK.match(k))]
+    if not block_ids:
+        raise UCGMError(f"{path}: no '{EMA_PREFIX}blocks.N.*' tensors (not a DDT checkpoint?)")
+    depth = 1 + max(block_ids)
+    encoder_depth = _int_override(overrides, "encoder_depth", default_encoder_depth(depth), 0, path)
+    if encoder_depth > depth:
+        raise UCGMError(f"{path}: override encoder_depth={encoder_depth} exceeds the {depth} blocks in the file")
+    return {
+        "in_channels": channels,
+        "patch_size": patch,
+        "hidden_size": hidden,
+        "depth": depth,
+        "encoder_depth": encoder_depth,
+        "num_heads": hidden // head_dim,
+        "mlp_hidden": _tensor(weights, "blocks.0.mlp.w1.weight", 2, path).shape[0],
+        "num_classes": _tensor(weights, "y_embedder.embedding_table.weight", 2, path).shape[0] - 1,
+    }
+
+
+def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+         **overrides: Any) -> GenerativeModel:
+    """The EMA DDT of a Lightning checkpoint (or of the one in a folder) as a ReLinear model on SD-VAE latents."""
+    path = Path(path)
+    overrides = {k: v for k, v in overrides.items() if v is not None}  # None: flag not given
+    unknown = sorted(set(overrides) - set(ACCEPTED_OVERRIDES))
+    if unknown:
+        raise UCGMError(f"{path}: unknown override(s) {', '.join(unknown)} for DDT; "
+                        f"accepted: {', '.join(ACCEPTED_OVERRIDES)}")
+    if path.is_dir():
+        found = _checkpoint_file(path)
+        if found is None:
+            raise UCGMError(f"{path}: no DDT Lightning checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}) in this folder")
+        path = found
+    elif not is_torch_zip(path):
+        raise UCGMError(f"{path}: not a PyTorch zip checkpoint (truncated, or not a DDT Lightning .ckpt)")
+    weights = _ema_weights(path)
+    arch = infer_arch(weights, path, overrides)
+    resolution = _int_override(overrides, "resolution", DEFAULT_RESOLUTION, 1, path)
+    side = resolution // VAE_DOWNSAMPLE
+    if resolution % VAE_DOWNSAMPLE or side % arch["patch_size"]:
+        raise UCGMError(f"{path}: resolution {resolution} must be a multiple of "
+                        f"{VAE_DOWNSAMPLE * arch['patch_size']} (VAE factor {VAE_DOWNSAMPLE} x patch)")
+    with torch.device("meta"):
+        net = DDT(**arch)
+    load_state_dict_strict(net, weights, f"{path} ['state_dict', {EMA_PREFIX}*]", assign=True)
+    config = ModelConfig(
+        family=NAME,
+        arch=ARCH,
+        arch_kwargs=arch,
+        transport="ReLinear",
+        num_classes=arch["num_classes"],
+        latent_shape=(arch["in_channels"], side, side),
+        null_class=arch["num_classes"],
+        guidance_channels=None,
+        vae=dict(SD_VAE) if arch["in_channels"] == DEFAULT_CHANNELS else {"name": "identity"},
+        recipe=RECIPES.get(resolution),
+    )
+    return GenerativeModel(net, config).to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,0 +1,233 @@
+"""LightningDiT (hustvl/LightningDiT): `{"model", "ema", "opt", "config"}` from train.py, or a bare state dict.
+
+A file, or a folder (Hub snapshot) holding one such file. Sampling uses `ema` when present, else
+the whole file (upstream inference.py). Every switch of the architecture (RMSNorm, SwiGLU, RoPE,
+q/k norm, adaLN without shift, learn_sigma) is read from the keys and shapes. Transport: upstream's
+Linear path x_t = t x + (1 - t) z with velocity target x - z, i.e. ReLinear exactly (t = 0 noise,
+t = 1 data; no time or sign change).
+Latents: m = (z - mean) / std with the VA-VAE's `latents_stats.pt` {"mean", "std"} (1, C, 1, 1).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ucgm_convert.errors import UCGMError
+from ucgm_convert.model import GenerativeModel, ModelConfig
+from ucgm_convert.nets.lightningdit import LightningDiT
+from ucgm_convert.readers import is_torch_zip, read_torch, tensor_dict
+from ucgm_convert.statedict import load_state_dict_strict
+
+NAME = "lightningdit"
+ARCH = "lightningdit"
+OVERRIDES = ("num_heads", "latent_stats")
+STATS_NAME = "latents_stats.pt"  # next to the VA-VAE on the Hub (hustvl/vavae-imagenet256-f16d32-dinov2)
+GUIDED_CHANNELS = 3  # upstream forward_with_cfg guides model_out[:, :3] only
+# Keys every LightningDiT has, and keys only LightningDiT's extra parts have (SiT/DiT lack them).
+CORE_KEYS = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
+             "blocks.0.attn.qkv.weight", "blocks.0.adaLN_modulation.1.weight", "final_layer.linear.weight")
+FEATURE_KEYS = ("feat_rope.freqs_cos", "blocks.0.norm1.weight", "blocks.0.mlp.w12.weight",
+                "final_layer.norm_final.weight")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+Stats = list[float] | float  # per-channel values, or one value for all channels
+
+
+def _weights(obj: Any) -> Mapping[str, Any] | None:
+    """The sampling weights: `ema` of a train.py file, else the file itself (None if neither fits)."""
+    if not isinstance(obj, Mapping):
+        return None
+    state = obj.get("ema", obj)
+    return state if isinstance(state, Mapping) else None
+
+
+def _named_lightningdit(obj: Any) -> bool:
+    """True when a train.py container's `config` names a LightningDiT model."""
+    config = obj.get("config") if isinstance(obj, Mapping) else None
+    model = config.get("model") if isinstance(config, Mapping) else None
+    model_type = model.get("model_type") if isinstance(model, Mapping) else None
+    return isinstance(model_type, str) and model_type.startswith("LightningDiT")
+
+
+def _is_lightningdit(path: Path) -> bool:
+    """A torch file with DiT core keys plus a LightningDiT-only part (or a train.py config naming it)."""
+    if not is_torch_zip(path):
+        return False
+    try:
+        obj = read_torch(path)
+    except UCGMError:
+        return False
+    state = _weights(obj)
+    if state is None or not all(isinstance(state.get(k), Tensor) for k in CORE_KEYS):
+        return False
+    hidden = state["x_embedder.proj.weight"].shape[0]
+    wo_shift = state["blocks.0.adaLN_modulation.1.weight"].shape[0] == 4 * hidden
+    return wo_shift or any(k in state for k in FEATURE_KEYS) or _named_lightningdit(obj)
+
+
+def _checkpoint_file(path: Path) -> Path | None:
+    """`path` itself, or the one LightningDiT file directly inside a folder (a Hub snapshot)."""
+    if not path.is_dir():
+        return path if _is_lightningdit(path) else None
+    found = [f for f in sorted(path.iterdir()) if _is_lightningdit(f)]
+    if len(found) > 1:
+        raise UCGMError(f"{path}: several LightningDiT checkpoints ({', '.join(f.name for f in found)}); pass one file")
+    return found[0] if found else None
+
+
+def detect(path: Path) -> bool:
+    """True for a LightningDiT checkpoint file, or a folder holding exactly one."""
+    return _checkpoint_file(Path(path)) is not None
+
+
+def _shape_error(path: Path, key: str, tensor: Tensor, expected: str) -> UCGMError:
+    return UCGMError(f"{path}: tensor {key} has shape {list(tensor.shape)}; expected {expected} "
+                     "for a LightningDiT")
+
+
+def _num_heads(path: Path, state: Mapping[str, Tensor], hidden: int, requested: int | None) -> int:
+    """Heads from the head size the RoPE table or q/k norm stores, else the request, else the size table."""
+    head_dim = None
+    if "feat_rope.freqs_cos" in state:
+        head_dim = state["feat_rope.freqs_cos"].shape[1]
+    elif "blocks.0.attn.q_norm.weight" in state:
+        head_dim = state["blocks.0.attn.q_norm.weight"].shape[0]
+    if head_dim is not None:
+        if hidden % head_dim:
+            raise UCGMError(f"{path}: head size {head_dim} (from the RoPE / q-k norm tensors) does not divide "
+                            f"the hidden size {hidden}")
+        if requested is not None and requested != hidden // head_dim:
+            raise UCGMError(f"{path}: num_heads={requested} contradicts the checkpoint, whose head size "
+                            f"{head_dim} means {hidden // head_dim} heads")
+        return hidden // head_dim
+    if requested is not None:
+        return int(requested)
+    if hidden == 1152:  # XL: 16 heads of 72 (upstream size table); every other size uses heads of 64
+        return 16
+    if hidden % 64:
+        raise UCGMError(f"{path}: cannot tell the number of heads of a hidden size {hidden} without RoPE or "
+                        "q/k norm; pass num_heads=")
+    return hidden // 64
+
+
+def _arch_kwargs(path: Path, state: Mapping[str, Tensor], num_heads: int | None) -> dict[str, Any]:
+    """Constructor arguments of LightningDiT, all read from tensor shapes and key presence."""
+    proj = state["x_embedder.proj.weight"]
+    if proj.ndim != 4 or proj.shape[2] != proj.shape[3]:
+        raise _shape_error(path, "x_embedder.proj.weight", proj, "[hidden, channels, patch, patch]")
+    hidden, channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    pos = state["pos_embed"]
+    grid = math.isqrt(pos.shape[1]) if pos.ndim == 3 else 0
+    if pos.ndim != 3 or pos.shape[0] != 1 or grid * grid != pos.shape[1] or pos.shape[2] != hidden:
+        raise _shape_error(path, "pos_embed", pos, f"[1, side^2, {hidden}] (a square token grid)")
+    if "feat_rope.freqs_cos" in state:
+        rope = state["feat_rope.freqs_cos"]
+        if rope.ndim != 2 or rope.shape[0] != grid * grid:
+            raise _shape_error(path, "feat_rope.freqs_cos", rope,
+                               f"[{grid * grid}, head_dim]: one row per token of the {grid}x{grid} latent grid "
+                               "that pos_embed implies")
+    modulation = state["blocks.0.adaLN_modulation.1.weight"]
+    if modulation.shape[0] not in (4 * hidden, 6 * hidden):
+        raise _shape_error(path, "blocks.0.adaLN_modulation.1.weight", modulation,
+                           f"[{6 * hidden} or {4 * hidden} (without shift), {hidden}]")
+    final = state["final_layer.linear.weight"]
+    if final.shape[0] not in (patch * patch * channels, 2 * patch * patch * channels):
+        raise _shape_error(path, "final_layer.linear.weight", final,
+                           f"[{patch * patch * channels} (or twice that with learn_sigma), {hidden}]")
+    classes = state["y_embedder.embedding_table.weight"].shape[0] - 1
+    if classes < 1:
+        raise _shape_error(path, "y_embedder.embedding_table.weight", state["y_embedder.embedding_table.weight"],
+                           "[num_classes + 1 (null class), hidden]")
+    swiglu = "blocks.0.mlp.w12.weight" in state
+    mlp_key = "blocks.0.mlp.w12.weight" if swiglu else "blocks.0.mlp.fc1.weight"
+    if mlp_key not in state:
+        raise UCGMError(f"{path}: no MLP weights: expected blocks.0.mlp.w12.weight (SwiGLU) or "
+                        "blocks.0.mlp.fc1.weight (GELU MLP)")
+    return {
+        "input_size": grid * patch,
+        "patch_size": patch,
+        "in_channels": channels,
+        "hidden_size": hidden,
+        "depth": 1 + max(int(m.group(1)) for k in state if (m := _BLOCK.match(k))),
+        "num_heads": _num_heads(path, state, hidden, num_heads),
+        "mlp_hidden": state[mlp_key].shape[0] // (2 if swiglu else 1),
+        "num_classes": classes,
+        "use_qknorm": "blocks.0.attn.q_norm.weight" in state,
+        "use_swiglu": swiglu,
+        "use_rope": "feat_rope.freqs_cos" in state,
+        "use_rmsnorm": "blocks.0.norm1.weight" in state,
+        "wo_shift": modulation.shape[0] == 4 * hidden,
+        "learn_sigma": final.shape[0] == 2 * patch * patch * channels,
+    }
+
+
+def _latent_stats(path: Path, stats: str | Path | None, channels: int) -> tuple[Stats, Stats]:
+    """(mean, std) per channel from `stats` or a latents_stats.pt beside `path`; (0, 1) with a warning."""
+    stats_path = Path(stats).expanduser() if stats is not None else path.parent / STATS_NAME
+    if stats is None and not stats_path.is_file():
+        warnings.warn(
+            f"{path}: no latent statistics found (no {STATS_NAME} next to the checkpoint, no latent_stats=PATH); "
+            "storing mean 0 / std 1. Samples will NOT decode correctly with the VA-VAE: pass "
+            f"latent_stats=PATH to the {STATS_NAME} of hustvl/vavae-imagenet256-f16d32-dinov2.",
+            UserWarning, stacklevel=3)
+        return 0.0, 1.0
+    obj = read_torch(stats_path)
+    values = []
+    for key in ("mean", "std"):
+        tensor = obj.get(key) if isinstance(obj, Mapping) else None
+        if not isinstance(tensor, Tensor) or tensor.numel() != channels:
+            raise UCGMError(f"{stats_path}: expected latent statistics {{'mean', 'std'}} with {channels} values "
+                            f"each (shape [1, {channels}, 1, 1]); {key!r} is "
+                            f"{list(tensor.shape) if isinstance(tensor, Tensor) else 'missing'}")
+        values.append(tensor.double().flatten().tolist())
+    if min(values[1]) <= 0:
+        raise UCGMError(f"{stats_path}: latent std must be positive, got min {min(values[1])}")
+    return values[0], values[1]
+
+
+def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+         **overrides: Any) -> GenerativeModel:
+    """Load the EMA LightningDiT of `path` (or of the one in a folder) as a ReLinear model guided on 3 channels."""
+    path = Path(path)
+    overrides = {k: v for k, v in overrides.items() if v is not None}  # None: option not given
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise UCGMError(f"{path}: unknown override(s) {', '.join(unknown)}; "
+                        f"LightningDiT accepts {', '.join(OVERRIDES)}")
+    if path.is_dir():
+        found = _checkpoint_file(path)
+        if found is None:
+            raise UCGMError(f"{path}: no LightningDiT checkpoint in this folder")
+        path = found
+    obj = read_torch(path)
+    weights = _weights(obj)
+    state = tensor_dict(weights, str(path) + (" ['ema']" if weights is not obj else ""))
+    missing = [k for k in CORE_KEYS if k not in state]
+    if missing:
+        raise UCGMError(f"{path}: not a LightningDiT state dict; missing keys: {', '.join(missing)}")
+    kwargs = _arch_kwargs(path, state, overrides.get("num_heads"))
+    with torch.device("meta"):
+        net = LightningDiT(**kwargs)
+    load_state_dict_strict(net, state, str(path), assign=True)
+    channels, side = kwargs["in_channels"], kwargs["input_size"]
+    mean, std = _latent_stats(path, overrides.get("latent_stats"), channels)
+    config = ModelConfig(
+        family=NAME,
+        arch=ARCH,
+        arch_kwargs=kwargs,
+        transport="ReLinear",
+        num_classes=kwargs["num_classes"],
+        latent_shape=(channels, side, side),
+        null_class=kwargs["num_classes"],
+        guidance_channels=GUIDED_CHANNELS if channels > GUIDED_CHANNELS else None,
+        vae={"name": "ldm-f16d32", "source": None, "latent_mean": mean, "latent_std": std, "pixel_range": "-1,1"},
+        recipe="lightningdit",
+    )
+    return GenerativeModel(net, config).to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,0 +1,80 @@
+"""torch.distributed plumbing shared by `ucgm tune` and `ucgm eval fid`.
+
+Processes are started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) or by
+`--nproc N`, which re-launches the same command under torchrun. NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files and prints progress."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    """True inside a process started by torchrun (or torch.distributed.run)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup(device: str | None = None) -> Context:
+    """Join the process group when launched by torchrun; otherwise a single-process context."""
+    if not launched_by_torchrun():
+        return Context(device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+    return Context(rank, world, local_rank, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+
+
+def barrier(ctx: Context) -> None:
+    """Wait for every process (no-op when alone)."""
+    if ctx.distributed:
+        dist.barrier()
+
+
+def teardown(ctx: Context) -> None:
+    """Leave the process group."""
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def relaunch_with_torchrun(nproc: int, argv: Sequence[str] | None = None) -> int:
+    """Run this same `ucgm` command under torchrun with `nproc` processes; returns its exit code."""
+    from torch.distributed.run import main as torchrun_main
+
+    args = [f"--nproc_per_node={nproc}", "--standalone", "-m", "ucgm_convert",
+            *(sys.argv[1:] if argv is None else argv)]
+    try:
+        torchrun_main(args)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    except Exception:  # torchrun raises ChildFailedError after printing the failing rank's error
+        return 1
+    return 0
