@@ -7,9 +7,12 @@ from typing import Any
 
 from torch import nn
 
+from .ddt import DDT
+from .edm2 import EDM2UNet
+from .lightningdit import LightningDiT
 from .sit import SiT
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"sit": SiT}
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"sit": SiT, "edm2-unet": EDM2UNet, "ddt": DDT, "lightningdit": LightningDiT}
 
 
 def build_network(arch: str, **hparams: Any) -> nn.Module:

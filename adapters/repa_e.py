@@ -1,0 +1,251 @@
+"""REPA-E (End2End-Diffusion/REPA-E): SiT checkpoints of train_repae.py, train_ldm_only.py, or a bare EMA state dict.
+
+Containers: end-to-end {"model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "args",
+"steps"}; LDM-only {"model", "ema", "opt", "args", "steps"}. Sampling uses `ema` (generate.py).
+Transport: x_t = (1 - t) x + t eps with velocity target eps - x (samplers.py, SiT.interpolant
+"linear"), i.e. Linear exactly. Latents: generate.py decodes z = m / latents_scale + latents_bias with
+latents_scale = rsqrt(bn.running_var) (no BatchNorm eps) and latents_bias = bn.running_mean of the EMA
+for end-to-end files, else the VAE's `<vae>-latents-stats.pt`; so mean = bias, std = 1 / scale.
+End-to-end files carry the jointly tuned VAE (`vae`, latent-diffusion names): it becomes `vae_state`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ucgm_convert.errors import UCGMError
+from ucgm_convert.model import GenerativeModel, ModelConfig
+from ucgm_convert.nets.sit import SiT
+from ucgm_convert.readers import read_torch, tensor_dict
+from ucgm_convert.statedict import load_state_dict_strict
+from ucgm_convert.vae import vae_only
+
+NAME = "repa-e"
+ARCH = "sit"
+OVERRIDES = ("num_heads", "latent_stats")
+STATS_SUFFIX = "-latents-stats.pt"  # save_vae_weights.py: <vae>.pt next to <vae>-latents-stats.pt
+CORE_KEYS = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "blocks.0.attn.qkv.weight",
+             "blocks.0.mlp.fc1.weight", "blocks.0.adaLN_modulation.1.weight", "final_layer.linear.weight")
+# Upstream SiT entries our SiT does not have: training-only parts, dropped from the network weights.
+TRAINING_ONLY = {
+    "projectors.": "REPA projection MLPs (alignment loss only)",
+    "bn.running_mean": "latent mean, moved into the VAE spec",
+    "bn.running_var": "latent variance, moved into the VAE spec",
+    "bn.num_batches_tracked": "BatchNorm step counter",
+}
+# Upstream SiT_models sizes: name -> (hidden, heads); the patch is the number after the slash.
+SIT_SIZES = {"S": (384, 6), "B": (768, 12), "L": (1024, 16), "XL": (1152, 16)}
+_SIZE_NAME = re.compile(r"^SiT-(S|B|L|XL)/(\d+)$")
+VAE_NAMES = {"f8d4": "sd-vae", "f16d32": "ldm-f16d32"}  # args.vae -> our VAE spec name
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _training_only(key: str) -> bool:
+    return key in TRAINING_ONLY or key.startswith("projectors.")
+
+
+def _ema(obj: Any) -> tuple[Any, str]:
+    """The sampling weights (`ema` of a training container, else the file itself) and where they are."""
+    if isinstance(obj, Mapping) and "ema" in obj:
+        return obj["ema"], " ['ema']"
+    return obj, ""
+
+
+def _args(obj: Any) -> argparse.Namespace | None:
+    args = obj.get("args") if isinstance(obj, Mapping) else None
+    return args if isinstance(args, argparse.Namespace) else None
+
+
+def _end_to_end(obj: Any) -> bool:
+    """A train_repae.py container: the EMA SiT together with the jointly tuned VAE."""
+    return isinstance(obj, Mapping) and "ema" in obj and "vae" in obj
+
+
+def detect(path: Path) -> bool:
+    """A plain SiT state dict (GELU MLP, 6-way adaLN) with REPA-E's `bn` / `projectors` or a SiT `args`."""
+    try:
+        obj = read_torch(path)
+    except UCGMError:
+        return False
+    state, _ = _ema(obj)
+    if not isinstance(state, Mapping) or not all(isinstance(state.get(k), Tensor) for k in CORE_KEYS):
+        return False
+    hidden = state["x_embedder.proj.weight"].shape[0]
+    if state["blocks.0.adaLN_modulation.1.weight"].shape[0] != 6 * hidden:
+        return False
+    model = getattr(_args(obj), "model", None)
+    return "bn.running_var" in state or "projectors.0.0.weight" in state or (
+        isinstance(model, str) and model.startswith("SiT-"))
+
+
+def _shape_error(path: Path, key: str, tensor: Tensor, expected: str) -> UCGMError:
+    return UCGMError(f"{path}: tensor {key} has shape {list(tensor.shape)}; expected {expected} for a REPA-E SiT")
+
+
+def _num_heads(path: Path, hidden: int, patch: int, model_name: Any, requested: int | None) -> int:
+    """Heads from the saved args.model (upstream size table), else `requested`, else head size 64 (XL: 72)."""
+    match = _SIZE_NAME.match(model_name) if isinstance(model_name, str) else None
+    if match:
+        size_hidden, heads = SIT_SIZES[match.group(1)]
+        if (size_hidden, int(match.group(2))) != (hidden, patch):
+            raise UCGMError(f"{path}: args.model is {model_name!r} (hidden {size_hidden}, patch {match.group(2)}) but "
+                            f"the weights have hidden {hidden}, patch {patch}")
+        if requested is not None and requested != heads:
+            raise UCGMError(f"{path}: num_heads={requested} contradicts args.model {model_name!r} ({heads} heads)")
+        return heads
+    if requested is not None:
+        if requested < 1 or hidden % requested:
+            raise UCGMError(f"{path}: num_heads={requested} does not divide the hidden size {hidden}")
+        return int(requested)
+    if hidden == 1152:  # XL: 16 heads of 72 (upstream size table); every other size uses heads of 64
+        return 16
+    if hidden % 64:
+        raise UCGMError(f"{path}: cannot tell the number of attention heads of hidden size {hidden} (no upstream "
+                        f"size in args.model: {model_name!r}); pass num_heads=")
+    return hidden // 64
+
+
+def _arch_kwargs(path: Path, state: Mapping[str, Tensor], args: argparse.Namespace | None,
+                 num_heads: int | None) -> dict[str, Any]:
+    """Constructor arguments of our SiT, read from tensor shapes (heads from args / override / size table)."""
+    proj = state["x_embedder.proj.weight"]
+    if proj.ndim != 4 or proj.shape[2] != proj.shape[3]:
+        raise _shape_error(path, "x_embedder.proj.weight", proj, "[hidden, channels, patch, patch]")
+    hidden, channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    pos = state["pos_embed"]
+    grid = math.isqrt(pos.shape[1]) if pos.ndim == 3 else 0
+    if pos.ndim != 3 or pos.shape[0] != 1 or grid * grid != pos.shape[1] or pos.shape[2] != hidden:
+        raise _shape_error(path, "pos_embed", pos, f"[1, side^2, {hidden}] (a square token grid)")
+    final = state["final_layer.linear.weight"]
+    if final.shape[0] != patch * patch * channels:
+        raise _shape_error(path, "final_layer.linear.weight", final, f"[{patch * patch * channels}, {hidden}]")
+    if args is not None and getattr(args, "cfg_prob", 0.1) == 0:
+        raise UCGMError(f"{path}: trained with cfg_prob 0 (args.cfg_prob), so its label table has no null-class row; "
+                        "such unguided SiTs are not supported")
+    table = state["y_embedder.embedding_table.weight"]
+    if table.shape[0] < 2:
+        raise _shape_error(path, "y_embedder.embedding_table.weight", table, "[num_classes + 1 (null class), hidden]")
+    fc1 = state["blocks.0.mlp.fc1.weight"]
+    mlp_ratio = fc1.shape[0] / hidden
+    if int(hidden * mlp_ratio) != fc1.shape[0]:
+        raise _shape_error(path, "blocks.0.mlp.fc1.weight", fc1, f"[int({hidden} * mlp_ratio), {hidden}]")
+    return {
+        "input_size": grid * patch,
+        "patch_size": patch,
+        "in_channels": channels,
+        "hidden_size": hidden,
+        "depth": 1 + max(int(m.group(1)) for k in state if (m := _BLOCK.match(k))),
+        "num_heads": _num_heads(path, hidden, patch, getattr(args, "model", None), num_heads),
+        "mlp_ratio": mlp_ratio,
+        "num_classes": table.shape[0] - 1,
+        "qk_norm": "blocks.0.attn.q_norm.weight" in state,
+    }
+
+
+def _stats_file(stats_path: Path, channels: int) -> tuple[list[float], list[float]]:
+    """(mean, std) = (latents_bias, 1 / latents_scale) of a `<vae>-latents-stats.pt`."""
+    obj = read_torch(stats_path)
+    values = {}
+    for key in ("latents_bias", "latents_scale"):
+        tensor = obj.get(key) if isinstance(obj, Mapping) else None
+        if not isinstance(tensor, Tensor) or tensor.numel() != channels:
+            raise UCGMError(f"{stats_path}: expected REPA-E latent statistics {{'latents_scale', 'latents_bias'}} with "
+                            f"{channels} values each (shape [1, {channels}, 1, 1]); {key!r} is "
+                            f"{list(tensor.shape) if isinstance(tensor, Tensor) else 'missing'}")
+        values[key] = tensor.double().flatten()
+    if (values["latents_scale"] <= 0).any():
+        raise UCGMError(f"{stats_path}: latents_scale must be positive")
+    return values["latents_bias"].tolist(), (1 / values["latents_scale"]).tolist()
+
+
+def _bn_stats(path: Path, state: Mapping[str, Tensor], channels: int) -> tuple[list[float], list[float]]:
+    """(mean, std) = (bn.running_mean, 1 / rsqrt(bn.running_var)) of the EMA, as generate.py decodes."""
+    for key in ("bn.running_mean", "bn.running_var"):
+        if key not in state or state[key].numel() != channels:
+            raise UCGMError(f"{path}: expected the latent statistics {key} with {channels} values in the EMA weights; "
+                            f"found {list(state[key].shape) if key in state else 'none'}")
+    var = state["bn.running_var"].double()
+    if (var <= 0).any():
+        raise UCGMError(f"{path}: bn.running_var must be positive")
+    return state["bn.running_mean"].double().tolist(), var.sqrt().tolist()
+
+
+def _stats_beside(path: Path, args: argparse.Namespace | None) -> Path | None:
+    """The `<vae>-latents-stats.pt` next to `path`: the one args.vae_ckpt names, else the only one there."""
+    vae_ckpt = getattr(args, "vae_ckpt", None)
+    if isinstance(vae_ckpt, str) and vae_ckpt.endswith(".pt"):
+        named = path.parent / (Path(vae_ckpt).name[: -len(".pt")] + STATS_SUFFIX)
+        if named.is_file():
+            return named
+    found = sorted(path.parent.glob(f"*{STATS_SUFFIX}"))
+    return found[0] if len(found) == 1 else None
+
+
+def _latent_stats(path: Path, obj: Any, state: Mapping[str, Tensor], args: argparse.Namespace | None,
+                  channels: int, requested: str | Path | None) -> tuple[list[float] | float, list[float] | float]:
+    """The `latent_stats` file, else the EMA's bn (end-to-end), else a stats file beside `path`, else bn (warned)."""
+    if requested is not None:
+        return _stats_file(Path(requested).expanduser(), channels)
+    if _end_to_end(obj):
+        return _bn_stats(path, state, channels)
+    beside = _stats_beside(path, args)
+    if beside is not None:
+        return _stats_file(beside, channels)
+    if "bn.running_var" in state:
+        warnings.warn(f"{path}: no *{STATS_SUFFIX} next to the checkpoint and no latent_stats=PATH; using the EMA's "
+                      "bn running statistics, which REPA-E's generate.py uses only for end-to-end checkpoints: pass "
+                      f"latent_stats=PATH to the VAE's {STATS_SUFFIX[1:]} to decode exactly as upstream",
+                      UserWarning, stacklevel=3)
+        return _bn_stats(path, state, channels)
+    warnings.warn(f"{path}: no latent statistics (no bn.* weights, no *{STATS_SUFFIX} next to the checkpoint, no "
+                  "latent_stats=PATH); storing mean 0 / std 1, so samples will NOT decode correctly",
+                  UserWarning, stacklevel=3)
+    return 0.0, 1.0
+
+
+def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+         **overrides: Any) -> GenerativeModel:
+    """Load the EMA SiT of `path` as a Linear model, with the checkpoint's tuned VAE when it has one."""
+    path = Path(path)
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise UCGMError(f"{path}: unknown override(s) {', '.join(unknown)}; REPA-E accepts {', '.join(OVERRIDES)}")
+    obj = read_torch(path)
+    weights, where = _ema(obj)
+    state = tensor_dict(weights, str(path) + where)
+    missing = [k for k in CORE_KEYS if k not in state]
+    if missing:
+        raise UCGMError(f"{path}{where}: not a REPA-E SiT state dict; missing keys: {', '.join(missing)}")
+    args = _args(obj)
+    kwargs = _arch_kwargs(path, state, args, overrides.get("num_heads"))
+    with torch.device("meta"):
+        net = SiT(**kwargs)
+    load_state_dict_strict(net, {k: v for k, v in state.items() if not _training_only(k)}, str(path) + where,
+                           assign=True)
+    channels, side = kwargs["in_channels"], kwargs["input_size"]
+    mean, std = _latent_stats(path, obj, state, args, channels, overrides.get("latent_stats"))
+    vae_name = VAE_NAMES.get(getattr(args, "vae", None), "sd-vae" if channels == 4 else "ldm-f16d32")
+    config = ModelConfig(
+        family=NAME,
+        arch=ARCH,
+        arch_kwargs=kwargs,
+        transport="Linear",
+        num_classes=kwargs["num_classes"],
+        latent_shape=(channels, side, side),
+        null_class=kwargs["num_classes"],
+        vae={"name": vae_name, "source": None, "latent_mean": mean, "latent_std": std, "pixel_range": "-1,1"},
+        recipe="repa-e",
+    )
+    model = GenerativeModel(net, config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if _end_to_end(obj):
+        model.vae_state = vae_only(tensor_dict(obj, str(path), "vae"), f"{path} ['vae']")
+    return model
