@@ -111,3 +111,20 @@ def test_bad_sources(tmp_path: Path) -> None:
 def test_overrides_are_refused_for_our_format(tiny_checkpoint: Path) -> None:
     with pytest.raises(uc.UCGMError, match="num_heads"):
         uc.load(tiny_checkpoint, num_heads=4)
+
+
+def test_written_files_get_normal_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from ucgm_convert.checkpoint import write_file_atomic
+
+    mask = os.umask(0o022)
+    try:
+        path = uc.save_checkpoint(tiny_model(), tmp_path / "ck")
+        write_file_atomic(tmp_path / "f.bin", b"x")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()} == {0o644}
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o644

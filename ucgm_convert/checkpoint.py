@@ -41,6 +41,17 @@ def is_checkpoint_dir(path: Path) -> bool:
     return isinstance(data, dict) and "arch" in data
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_mode(path: Path, directory: bool) -> None:
+    """Give a temp file/folder the permissions a plain open()/mkdir() would (mkstemp uses 0600)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_dir(out_dir: Path) -> "_AtomicDir":
     """Context manager yielding a temporary folder that replaces `out_dir` on success."""
     return _AtomicDir(Path(out_dir))
@@ -55,6 +66,7 @@ class _AtomicDir:
         try:
             parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=parent))
+            _default_mode(self.tmp, directory=True)
         except OSError as err:
             raise UCGMError(f"{self.out_dir}: cannot write here ({err.strerror})") from None
         return self.tmp
@@ -63,6 +75,8 @@ class _AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        for item in self.tmp.rglob("*"):  # some writers (safetensors) create files 0600
+            _default_mode(item, directory=item.is_dir())
         old = None
         if self.out_dir.exists():
             old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
@@ -78,6 +92,7 @@ def write_file_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        _default_mode(Path(tmp), directory=False)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
