@@ -12,6 +12,7 @@ t_{i+1}. The returned sample is x_hat of the last step.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ def count_nfe(steps: int, order: int = 1, gaps: Sequence[float] = (0.001, 0.001)
     Order 1 evaluates once per grid point. Order 2 adds a correction at every point but
     the last; when the end gap is 0 the reference also corrects at the last point.
     """
+    _check_grid_args(steps, order, (1.0, 1.0, 1.0), gaps)
     k = num_grid_points(steps, order)
     if order == 1:
         return k
@@ -62,7 +64,7 @@ def time_grid(
     """
     transport = get_transport(transport)
     _check_grid_args(steps, order, time_dist, gaps)
-    k = num_grid_points(steps, order)
+    k = num_grid_points(int(steps), order)
     g0, g1 = float(gaps[0]), float(gaps[1])
     if g1 == 0:
         u = torch.linspace(g0, 1.0, k + 1, dtype=torch.float64)[:-1]
@@ -76,7 +78,7 @@ def time_grid(
 def _check_grid_args(
     steps: int, order: int, time_dist: Sequence[float], gaps: Sequence[float]
 ) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order!r}")
@@ -108,8 +110,6 @@ def _randn(like: Tensor, generator: Generators) -> Tensor:
         return torch.randn(like.shape, device=like.device).to(like)
     if isinstance(generator, torch.Generator):
         return torch.randn(like.shape, generator=generator, device=generator.device).to(like)
-    if len(generator) != like.shape[0]:
-        raise ValueError(f"got {len(generator)} generators for a batch of {like.shape[0]}")
     rows = [torch.randn(like.shape[1:], generator=g, device=g.device) for g in generator]
     return torch.stack(rows).to(like)
 
@@ -139,18 +139,21 @@ def sample(
     """
     transport = get_transport(transport)
     rho_fixed = _check_stochasticity(stochasticity)
-    if float(extrapolation) < 0:
-        raise ValueError(f"extrapolation must be >= 0, got {extrapolation!r}")
+    if not float(extrapolation) >= 0:
+        raise ValueError(f"extrapolation must be a number >= 0, got {extrapolation!r}")
     if not torch.is_tensor(noise) or not noise.is_floating_point() or noise.ndim < 1:
         raise ValueError("noise must be a floating-point tensor with a batch dimension")
     grid = time_grid(transport, steps, order, time_dist, gaps, noise.dtype, noise.device)
     k = grid.numel() - 1
     correct_last = order == 2 and float(gaps[1]) == 0
     batch = noise.shape[0]
+    if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != batch:
+        raise ValueError(f"got {len(generator)} generators for a batch of {batch}")
 
     def predict(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        f = model_fn(x, t.expand(batch).float(), **model_kwargs).float()
-        return transport.predictions(x, f, t)
+        t32 = t.float()  # the reference evaluates the model and the (x, z) recovery at float32 t
+        f = model_fn(x, t32.expand(batch), **model_kwargs).float()
+        return transport.predictions(x, f, t32)
 
     x_cur = noise.to(torch.float64)
     trajectory = [noise]
