@@ -6,7 +6,8 @@ towards a target that is, by branch:
 - consistency 0: the transport target alpha_to z + gamma_to x (flow matching / diffusion);
 - enhanced > 0: the same with x and z replaced by guidance-enhanced targets;
 - consistency 1: F_t - (alpha_in / dent) * w(t) * clamp(dx_hat/dt, -1, 1), the derivative of
-  the online model's clean prediction along the path by central differences;
+  the online model's clean prediction along the path by central differences (its two extra
+  evaluations run as one batched no-grad forward unless dropout is active);
 - consistency in (0, 1): the same with a backward difference over lambda t.
 
 The per-sample loss is the pseudo-Huber sqrt(mean (F - target)^2 + c^2) - c, optionally plus
@@ -198,10 +199,12 @@ class UCGMObjective:
             z_tar = self._enhance(z_tar, inside, ndrop, z_m, z_tar)
 
         def x_hat_online(times: Sequence[Tensor]) -> list[Tensor]:
-            """The online model's clean prediction at each time, in one batched forward."""
-            x_in = torch.cat([tr.interpolate(x_tar, z_tar, r) for r in times])
-            t_in = torch.cat(list(times))
-            x_hat, _ = predict(model, x_in, t_in, y.repeat(len(times)))
+            """The online model's clean prediction at each time: one batched forward, or one
+            replayed forward per time when dropout is active (so every time sees the same masks)."""
+            x_in = [tr.interpolate(x_tar, z_tar, r) for r in times]
+            if _has_active_dropout(model):
+                return [predict(model, xi, r, y)[0] for xi, r in zip(x_in, times)]
+            x_hat, _ = predict(model, torch.cat(x_in), torch.cat(list(times)), y.repeat(len(times)))
             return list(x_hat.chunk(len(times)))
 
         if self.consistency == 1.0:
@@ -230,6 +233,13 @@ class UCGMObjective:
         )
         dropped = (target[keep:] + p_uncond[keep:]) * 0.5
         return torch.cat([kept, dropped])
+
+
+def _has_active_dropout(model: Model) -> bool:
+    """True for a module in training mode with a dropout layer of p > 0."""
+    return isinstance(model, torch.nn.Module) and model.training and any(
+        isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()
+    )
 
 
 def _require(ok: bool, message: str) -> None:
