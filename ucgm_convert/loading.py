@@ -39,16 +39,39 @@ def resolve_source(source: str | Path) -> Path:
 
 def _hub_snapshot(repo_id: str) -> Path:
     """Download (or reuse from the cache, offline too) a Hub repo and return its local folder."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    from . import __version__
 
     try:
-        return Path(snapshot_download(repo_id))
+        return Path(snapshot_download(repo_id, library_name="ucgm-convert", library_version=__version__))
+    except HFValidationError as err:
+        raise UCGMError(f"{repo_id}: not a valid Hugging Face repo id ({_one_line(err)})") from None
+    except IncompleteSnapshotError:
+        raise UCGMError(f"{repo_id}: the cached copy in {constants.HF_HUB_CACHE} is incomplete and the Hub "
+                        "cannot be reached; download it again while online") from None
     except LocalEntryNotFoundError:
-        raise UCGMError(f"{repo_id}: not in the local Hugging Face cache and the Hub is unreachable "
-                        "(offline?); download it once while online") from None
+        if constants.is_offline_mode():
+            raise UCGMError(f"{repo_id}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                            "HF_HUB_OFFLINE is set; download it once while online (unset HF_HUB_OFFLINE)") from None
+        raise UCGMError(f"{repo_id}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
+                        "is unreachable; download it once while online") from None
+    except RepositoryNotFoundError:
+        raise UCGMError(f"{repo_id}: no such model repo on the Hugging Face Hub (or it is private or gated: "
+                        "log in with `hf auth login` or set HF_TOKEN)") from None
     except HfHubHTTPError as err:
-        raise UCGMError(f"{repo_id}: Hugging Face Hub error: {err}") from None
+        raise UCGMError(f"{repo_id}: Hugging Face Hub error: {_one_line(err)}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def load(

@@ -31,6 +31,7 @@ class ModelConfig:
     vae: dict[str, Any] = field(default_factory=lambda: {"name": "identity"})
     recipe: str | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
+    base_model: str | None = None  # Hub id of the source model, for model cards
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
