@@ -65,16 +65,33 @@ def teardown(ctx: Context) -> None:
         dist.destroy_process_group()
 
 
+def without_nproc(argv: Sequence[str]) -> list[str]:
+    """argv minus `--nproc N` / `--nproc=N`: torchrun's own parser would reject it as an
+    ambiguous abbreviation of its --nproc-per-node, and the children must not relaunch."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def relaunch_with_torchrun(nproc: int, argv: Sequence[str] | None = None) -> int:
-    """Run this same `ucgm` command under torchrun with `nproc` processes; returns its exit code."""
+    """Run this same `ucgm` command under torchrun with `nproc` processes; returns the exit code
+    of the first failing process (2 for bad input, which that process has already reported)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
     args = [f"--nproc_per_node={nproc}", "--standalone", "-m", "ucgm_convert",
-            *(sys.argv[1:] if argv is None else argv)]
+            *without_nproc(sys.argv[1:] if argv is None else argv)]
     try:
         torchrun_main(args)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    except Exception:  # torchrun raises ChildFailedError after printing the failing rank's error
-        return 1
+    except ChildFailedError as err:
+        codes = [failure.exitcode for failure in err.failures.values() if failure.exitcode]
+        return codes[0] if codes and codes[0] > 0 else 1
     return 0

@@ -9,7 +9,6 @@ final_layer) so released weights load as-is.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed
 from torch import Tensor, nn
