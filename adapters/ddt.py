@@ -1,16 +1,16 @@
 """DDT (MCG-NJU/DDT): PyTorch-Lightning checkpoints, sampled from the EMA copy `ema_denoiser.*`.
 
-The released files (MCG-NJU/DDT-XL-22en6de-R256 / -R512) are Lightning checkpoints whose
-`state_dict` holds the online network (`denoiser.*`), its EMA (`ema_denoiser.*`) and the REPA
-projector (`diffusion_trainer.*`); only the EMA is loaded. DDT's convention is ours as
-ReLinear: x_t = t x + (1 - t) z (t=0 noise, t=1 data), F = x - z; guidance on all channels.
-Latents are SD-VAE ft-EMA latents times 0.18215.
+Files: a Lightning `.ckpt` (torch zip; MCG-NJU/DDT-XL-22en6de-R256 / -R512), or a folder holding one,
+whose `state_dict` holds the online network (`denoiser.*`), its EMA (`ema_denoiser.*`) and the REPA
+projector (`diffusion_trainer.*`), keys possibly with torch.compile's `_orig_mod.`; only the EMA is loaded.
+
+DDT's convention is ours as ReLinear: x_t = t x + (1 - t) z (t=0 noise, t=1 data), F = x - z; guidance on
+all channels. Latents are SD-VAE ft-EMA latents times 0.18215.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ucgm_convert.adapters.common import (block_count, checkpoint_to_load, dit_config, find_checkpoint,
+                                          frozen_model, given_overrides, meta_network)
 from ucgm_convert.errors import UCGMError
-from ucgm_convert.model import GenerativeModel, ModelConfig
+from ucgm_convert.model import GenerativeModel
 from ucgm_convert.nets.ddt import DDT
 from ucgm_convert.readers import is_torch_zip, read_torch, strip_prefix
-from ucgm_convert.statedict import load_state_dict_strict
 
 NAME = "ddt"
 ARCH = "ddt"
@@ -38,7 +39,6 @@ RECIPES = {256: "ddt-256", 512: "ddt-512"}
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SD_VAE = {"name": "sd-vae", "source": "stabilityai/sd-vae-ft-ema", "latent_mean": 0.0,
           "latent_std": 1 / 0.18215, "pixel_range": "-1,1"}
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 def _state_dict(path: Path) -> Mapping[str, Any] | None:
@@ -61,19 +61,9 @@ def _is_ddt_file(path: Path) -> bool:
     return state is not None and any(_uncompiled(k) == EMA_PREFIX + SIGNATURE for k in state)
 
 
-def _checkpoint_file(path: Path) -> Path | None:
-    """`path` itself, or the one DDT checkpoint directly inside a folder (a Hub snapshot)."""
-    if not path.is_dir():
-        return path if _is_ddt_file(path) else None
-    found = [f for f in sorted(path.iterdir()) if f.suffix in CHECKPOINT_SUFFIXES and _is_ddt_file(f)]
-    if len(found) > 1:
-        raise UCGMError(f"{path}: several DDT checkpoints ({', '.join(f.name for f in found)}); pass one file")
-    return found[0] if found else None
-
-
 def detect(path: Path) -> bool:
-    """True for a DDT Lightning checkpoint, or a folder holding exactly one."""
-    return _checkpoint_file(Path(path)) is not None
+    """True for a DDT Lightning checkpoint, or a folder (a Hub snapshot) holding exactly one."""
+    return find_checkpoint(Path(path), _is_ddt_file, "DDT", CHECKPOINT_SUFFIXES) is not None
 
 
 def default_encoder_depth(depth: int) -> int:
@@ -129,10 +119,9 @@ def infer_arch(weights: Mapping[str, Tensor], path: Path, overrides: Mapping[str
     if hidden % head_dim or head_dim % 4:
         raise UCGMError(f"{path}: '{EMA_PREFIX}blocks.0.attn.q_norm.weight' gives head_dim {head_dim}, which "
                         f"must divide hidden size {hidden} and be a multiple of 4")
-    block_ids = [int(m.group(1)) for k in weights if (m := _BLOCK.match(k))]
-    if not block_ids:
+    depth = block_count(weights)
+    if not depth:
         raise UCGMError(f"{path}: no '{EMA_PREFIX}blocks.N.*' tensors (not a DDT checkpoint?)")
-    depth = 1 + max(block_ids)
     encoder_depth = _int_override(overrides, "encoder_depth", default_encoder_depth(depth), 0, path)
     if encoder_depth > depth:
         raise UCGMError(f"{path}: override encoder_depth={encoder_depth} exceeds the {depth} blocks in the file")
@@ -152,17 +141,9 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
          **overrides: Any) -> GenerativeModel:
     """The EMA DDT of a Lightning checkpoint (or of the one in a folder) as a ReLinear model on SD-VAE latents."""
     path = Path(path)
-    overrides = {k: v for k, v in overrides.items() if v is not None}  # None: flag not given
-    unknown = sorted(set(overrides) - set(ACCEPTED_OVERRIDES))
-    if unknown:
-        raise UCGMError(f"{path}: unknown override(s) {', '.join(unknown)} for DDT; "
-                        f"accepted: {', '.join(ACCEPTED_OVERRIDES)}")
-    if path.is_dir():
-        found = _checkpoint_file(path)
-        if found is None:
-            raise UCGMError(f"{path}: no DDT Lightning checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}) in this folder")
-        path = found
-    elif not is_torch_zip(path):
+    overrides = given_overrides(path, overrides, ACCEPTED_OVERRIDES, "DDT")
+    path = checkpoint_to_load(path, _is_ddt_file, "DDT", CHECKPOINT_SUFFIXES)
+    if not is_torch_zip(path):
         raise UCGMError(f"{path}: not a PyTorch zip checkpoint (truncated, or not a DDT Lightning .ckpt)")
     weights = _ema_weights(path)
     arch = infer_arch(weights, path, overrides)
@@ -171,19 +152,7 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
     if resolution % VAE_DOWNSAMPLE or side % arch["patch_size"]:
         raise UCGMError(f"{path}: resolution {resolution} must be a multiple of "
                         f"{VAE_DOWNSAMPLE * arch['patch_size']} (VAE factor {VAE_DOWNSAMPLE} x patch)")
-    with torch.device("meta"):
-        net = DDT(**arch)
-    load_state_dict_strict(net, weights, f"{path} ['state_dict', {EMA_PREFIX}*]", assign=True)
-    config = ModelConfig(
-        family=NAME,
-        arch=ARCH,
-        arch_kwargs=arch,
-        transport="ReLinear",
-        num_classes=arch["num_classes"],
-        latent_shape=(arch["in_channels"], side, side),
-        null_class=arch["num_classes"],
-        guidance_channels=None,
-        vae=dict(SD_VAE) if arch["in_channels"] == DEFAULT_CHANNELS else {"name": "identity"},
-        recipe=RECIPES.get(resolution),
-    )
-    return GenerativeModel(net, config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    net = meta_network(DDT, arch, weights, f"{path} ['state_dict', {EMA_PREFIX}*]")
+    vae = dict(SD_VAE) if arch["in_channels"] == DEFAULT_CHANNELS else {"name": "identity"}
+    config = dit_config(NAME, ARCH, arch, "ReLinear", side, vae, RECIPES.get(resolution))
+    return frozen_model(net, config, device, dtype)

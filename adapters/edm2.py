@@ -1,11 +1,11 @@
 """EDM2 (NVlabs/edm2) post-hoc EMA snapshots: `edm2-img{512,64}-{xs..xxl}[-uncond]-*.pkl`.
 
-A snapshot is a plain pickle of {"ema": Precond, "encoder", "dataset_kwargs", "loss_fn"} whose
-classes carry their own source code (torch_utils.persistence). It is read with
-ucgm_convert.safe_pickle (no stored code is imported or run); the architecture comes from the
-tensor shapes, the scalar hyperparameters from the stored constructor arguments. The network plugs
-into the EDM transport: it receives x_t = c_in x_sigma and t with c_noise = 2.68 t - 1.59, and
-returns the raw F (Precond's c_skip / c_out combination is the transport's).
+Files: a plain pickle of {"ema": Precond, "encoder", "dataset_kwargs", "loss_fn"} whose classes carry
+their own source code (torch_utils.persistence); the weights are the Precond's `unet.*` tensors (its
+`logvar_*` head is dropped). It is read with ucgm_convert.safe_pickle (no stored code is imported or run).
+The architecture comes from the tensor shapes, the scalar hyperparameters from the stored constructor
+arguments. The network plugs into the EDM transport: it receives x_t = c_in x_sigma and t with
+c_noise = 2.68 t - 1.59, and returns the raw F (Precond's c_skip / c_out combination is the transport's).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ucgm_convert.adapters.common import frozen_model, given_overrides, meta_network
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.model import GenerativeModel, ModelConfig
 from ucgm_convert.nets.edm2 import EDM2UNet
 from ucgm_convert.safe_pickle import PersistentRecord, clear_pickle_cache, module_tensors, read_pickle
-from ucgm_convert.statedict import load_state_dict_strict
 
 NAME = "edm2"
 ARCH = "edm2-unet"
@@ -206,10 +206,8 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
          **overrides: Any) -> GenerativeModel:
     """Load an EDM2 snapshot as a model of the EDM transport (weights cast to `dtype`, default float32)."""
     path = Path(path)
-    unknown = sorted(set(overrides) - set(ACCEPTED_OVERRIDES))
-    if unknown:
-        raise UCGMError(f"{path}: unknown override(s) {', '.join(unknown)} for EDM2; accepted: "
-                        f"{', '.join(ACCEPTED_OVERRIDES)}")
+    # None is a value here (clip_act=None: no clipping), so it is kept.
+    overrides = given_overrides(path, overrides, ACCEPTED_OVERRIDES, "EDM2", drop_none=False)
     snapshot = load_edm2_pickle(path)
     if snapshot["sigma_data"] != 0.5:
         raise UCGMError(f"{path}: Precond sigma_data is {snapshot['sigma_data']}; the EDM transport assumes 0.5")
@@ -217,9 +215,7 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
     arch = infer_arch(state, path) | _scalars(snapshot["init_kwargs"], overrides)
     weights = {k[len("unet."):] if k.startswith("unet.") else k: v.to(dtype) for k, v in state.items()
                if not k.startswith(UNUSED_PREFIXES)}
-    with torch.device("meta"):
-        net = EDM2UNet(**arch)
-    load_state_dict_strict(net, weights, str(path), assign=True)
+    net = meta_network(EDM2UNet, arch, weights, str(path))
     clear_pickle_cache()  # the float16 snapshot would otherwise stay in RAM next to the loaded weights
     label_dim = arch["label_dim"]
     config = ModelConfig(
@@ -235,4 +231,4 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
         vae=vae_spec(snapshot["encoder"], arch["img_channels"]),
         recipe=RECIPES.get(arch["model_channels"], DEFAULT_RECIPE),
     )
-    return GenerativeModel(net, config).to(device=device).eval().requires_grad_(False)
+    return frozen_model(net, config, device, None)  # weights already cast to `dtype`

@@ -1,17 +1,18 @@
-"""LightningDiT (hustvl/LightningDiT): `{"model", "ema", "opt", "config"}` from train.py, or a bare state dict.
+"""LightningDiT (hustvl/LightningDiT): torch checkpoints of train.py, or a bare state dict.
 
-A file, or a folder (Hub snapshot) holding one such file. Sampling uses `ema` when present, else
-the whole file (upstream inference.py). Every switch of the architecture (RMSNorm, SwiGLU, RoPE,
-q/k norm, adaLN without shift, learn_sigma) is read from the keys and shapes. Transport: upstream's
-Linear path x_t = t x + (1 - t) z with velocity target x - z, i.e. ReLinear exactly (t = 0 noise,
-t = 1 data; no time or sign change).
+Files: a torch zip `{"model", "ema", "opt", "config"}` (train.py; config.model.model_type names the
+model) or a bare DiT-style state dict (`x_embedder.*`, `pos_embed`, `blocks.N.*`, `final_layer.*`), or a
+folder (Hub snapshot) holding one such file. Sampling uses `ema` when present, else the whole file.
+
+Every switch of the architecture (RMSNorm, SwiGLU, RoPE, q/k norm, adaLN without shift, learn_sigma)
+is read from the keys and shapes. Transport: upstream's Linear path x_t = t x + (1 - t) z with velocity
+target x - z, i.e. ReLinear exactly (t = 0 noise, t = 1 data; no time or sign change).
 Latents: m = (z - mean) / std with the VA-VAE's `latents_stats.pt` {"mean", "std"} (1, C, 1, 1).
 """
 
 from __future__ import annotations
 
-import math
-import re
+import functools
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,11 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ucgm_convert.adapters.common import (channel_stats, checkpoint_to_load, dit_config, dit_geometry,
+                                          find_checkpoint, frozen_model, given_overrides, label_classes, meta_network,
+                                          require_keys, shape_error, size_table_heads)
 from ucgm_convert.errors import UCGMError
-from ucgm_convert.model import GenerativeModel, ModelConfig
+from ucgm_convert.model import GenerativeModel
 from ucgm_convert.nets.lightningdit import LightningDiT
 from ucgm_convert.readers import is_torch_zip, read_torch, tensor_dict
-from ucgm_convert.statedict import load_state_dict_strict
 
 NAME = "lightningdit"
 ARCH = "lightningdit"
@@ -36,7 +39,7 @@ CORE_KEYS = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.
              "blocks.0.attn.qkv.weight", "blocks.0.adaLN_modulation.1.weight", "final_layer.linear.weight")
 FEATURE_KEYS = ("feat_rope.freqs_cos", "blocks.0.norm1.weight", "blocks.0.mlp.w12.weight",
                 "final_layer.norm_final.weight")
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+MODEL = "a LightningDiT"  # completes the shape errors' "expected ... for"
 Stats = list[float] | float  # per-channel values, or one value for all channels
 
 
@@ -72,24 +75,12 @@ def _is_lightningdit(path: Path) -> bool:
     return wo_shift or any(k in state for k in FEATURE_KEYS) or _named_lightningdit(obj)
 
 
-def _checkpoint_file(path: Path) -> Path | None:
-    """`path` itself, or the one LightningDiT file directly inside a folder (a Hub snapshot)."""
-    if not path.is_dir():
-        return path if _is_lightningdit(path) else None
-    found = [f for f in sorted(path.iterdir()) if _is_lightningdit(f)]
-    if len(found) > 1:
-        raise UCGMError(f"{path}: several LightningDiT checkpoints ({', '.join(f.name for f in found)}); pass one file")
-    return found[0] if found else None
-
-
 def detect(path: Path) -> bool:
-    """True for a LightningDiT checkpoint file, or a folder holding exactly one."""
-    return _checkpoint_file(Path(path)) is not None
+    """True for a LightningDiT checkpoint file, or a folder (a Hub snapshot) holding exactly one."""
+    return find_checkpoint(Path(path), _is_lightningdit, "LightningDiT") is not None
 
 
-def _shape_error(path: Path, key: str, tensor: Tensor, expected: str) -> UCGMError:
-    return UCGMError(f"{path}: tensor {key} has shape {list(tensor.shape)}; expected {expected} "
-                     "for a LightningDiT")
+_shape_error = functools.partial(shape_error, model=MODEL)
 
 
 def _num_heads(path: Path, state: Mapping[str, Tensor], hidden: int, requested: int | None) -> int:
@@ -109,24 +100,18 @@ def _num_heads(path: Path, state: Mapping[str, Tensor], hidden: int, requested: 
         return hidden // head_dim
     if requested is not None:
         return int(requested)
-    if hidden == 1152:  # XL: 16 heads of 72 (upstream size table); every other size uses heads of 64
-        return 16
-    if hidden % 64:
+    heads = size_table_heads(hidden)
+    if heads is None:
         raise UCGMError(f"{path}: cannot tell the number of heads of a hidden size {hidden} without RoPE or "
                         "q/k norm; pass num_heads=")
-    return hidden // 64
+    return heads
 
 
 def _arch_kwargs(path: Path, state: Mapping[str, Tensor], num_heads: int | None) -> dict[str, Any]:
     """Constructor arguments of LightningDiT, all read from tensor shapes and key presence."""
-    proj = state["x_embedder.proj.weight"]
-    if proj.ndim != 4 or proj.shape[2] != proj.shape[3]:
-        raise _shape_error(path, "x_embedder.proj.weight", proj, "[hidden, channels, patch, patch]")
-    hidden, channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
-    pos = state["pos_embed"]
-    grid = math.isqrt(pos.shape[1]) if pos.ndim == 3 else 0
-    if pos.ndim != 3 or pos.shape[0] != 1 or grid * grid != pos.shape[1] or pos.shape[2] != hidden:
-        raise _shape_error(path, "pos_embed", pos, f"[1, side^2, {hidden}] (a square token grid)")
+    geometry = dit_geometry(path, state, MODEL)
+    hidden, channels, patch = geometry["hidden_size"], geometry["in_channels"], geometry["patch_size"]
+    grid = geometry["input_size"] // patch
     if "feat_rope.freqs_cos" in state:
         rope = state["feat_rope.freqs_cos"]
         if rope.ndim != 2 or rope.shape[0] != grid * grid:
@@ -141,21 +126,14 @@ def _arch_kwargs(path: Path, state: Mapping[str, Tensor], num_heads: int | None)
     if final.shape[0] not in (patch * patch * channels, 2 * patch * patch * channels):
         raise _shape_error(path, "final_layer.linear.weight", final,
                            f"[{patch * patch * channels} (or twice that with learn_sigma), {hidden}]")
-    classes = state["y_embedder.embedding_table.weight"].shape[0] - 1
-    if classes < 1:
-        raise _shape_error(path, "y_embedder.embedding_table.weight", state["y_embedder.embedding_table.weight"],
-                           "[num_classes + 1 (null class), hidden]")
+    classes = label_classes(path, state, MODEL)
     swiglu = "blocks.0.mlp.w12.weight" in state
     mlp_key = "blocks.0.mlp.w12.weight" if swiglu else "blocks.0.mlp.fc1.weight"
     if mlp_key not in state:
         raise UCGMError(f"{path}: no MLP weights: expected blocks.0.mlp.w12.weight (SwiGLU) or "
                         "blocks.0.mlp.fc1.weight (GELU MLP)")
     return {
-        "input_size": grid * patch,
-        "patch_size": patch,
-        "in_channels": channels,
-        "hidden_size": hidden,
-        "depth": 1 + max(int(m.group(1)) for k in state if (m := _BLOCK.match(k))),
+        **geometry,
         "num_heads": _num_heads(path, state, hidden, num_heads),
         "mlp_hidden": state[mlp_key].shape[0] // (2 if swiglu else 1),
         "num_classes": classes,
@@ -178,56 +156,28 @@ def _latent_stats(path: Path, stats: str | Path | None, channels: int) -> tuple[
             f"latent_stats=PATH to the {STATS_NAME} of hustvl/vavae-imagenet256-f16d32-dinov2.",
             UserWarning, stacklevel=3)
         return 0.0, 1.0
-    obj = read_torch(stats_path)
-    values = []
-    for key in ("mean", "std"):
-        tensor = obj.get(key) if isinstance(obj, Mapping) else None
-        if not isinstance(tensor, Tensor) or tensor.numel() != channels:
-            raise UCGMError(f"{stats_path}: expected latent statistics {{'mean', 'std'}} with {channels} values "
-                            f"each (shape [1, {channels}, 1, 1]); {key!r} is "
-                            f"{list(tensor.shape) if isinstance(tensor, Tensor) else 'missing'}")
-        values.append(tensor.double().flatten().tolist())
-    if min(values[1]) <= 0:
-        raise UCGMError(f"{stats_path}: latent std must be positive, got min {min(values[1])}")
-    return values[0], values[1]
+    values = channel_stats(stats_path, ("mean", "std"), channels, "latent statistics")
+    mean, std = values["mean"].tolist(), values["std"].tolist()
+    if min(std) <= 0:
+        raise UCGMError(f"{stats_path}: latent std must be positive, got min {min(std)}")
+    return mean, std
 
 
 def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
          **overrides: Any) -> GenerativeModel:
     """Load the EMA LightningDiT of `path` (or of the one in a folder) as a ReLinear model guided on 3 channels."""
     path = Path(path)
-    overrides = {k: v for k, v in overrides.items() if v is not None}  # None: option not given
-    unknown = sorted(set(overrides) - set(OVERRIDES))
-    if unknown:
-        raise UCGMError(f"{path}: unknown override(s) {', '.join(unknown)}; "
-                        f"LightningDiT accepts {', '.join(OVERRIDES)}")
-    if path.is_dir():
-        found = _checkpoint_file(path)
-        if found is None:
-            raise UCGMError(f"{path}: no LightningDiT checkpoint in this folder")
-        path = found
+    overrides = given_overrides(path, overrides, OVERRIDES, "LightningDiT")
+    path = checkpoint_to_load(path, _is_lightningdit, "LightningDiT")
     obj = read_torch(path)
     weights = _weights(obj)
     state = tensor_dict(weights, str(path) + (" ['ema']" if weights is not obj else ""))
-    missing = [k for k in CORE_KEYS if k not in state]
-    if missing:
-        raise UCGMError(f"{path}: not a LightningDiT state dict; missing keys: {', '.join(missing)}")
+    require_keys(state, CORE_KEYS, str(path), "LightningDiT state dict")
     kwargs = _arch_kwargs(path, state, overrides.get("num_heads"))
-    with torch.device("meta"):
-        net = LightningDiT(**kwargs)
-    load_state_dict_strict(net, state, str(path), assign=True)
+    net = meta_network(LightningDiT, kwargs, state, str(path))
     channels, side = kwargs["in_channels"], kwargs["input_size"]
     mean, std = _latent_stats(path, overrides.get("latent_stats"), channels)
-    config = ModelConfig(
-        family=NAME,
-        arch=ARCH,
-        arch_kwargs=kwargs,
-        transport="ReLinear",
-        num_classes=kwargs["num_classes"],
-        latent_shape=(channels, side, side),
-        null_class=kwargs["num_classes"],
-        guidance_channels=GUIDED_CHANNELS if channels > GUIDED_CHANNELS else None,
-        vae={"name": "ldm-f16d32", "source": None, "latent_mean": mean, "latent_std": std, "pixel_range": "-1,1"},
-        recipe="lightningdit",
-    )
-    return GenerativeModel(net, config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    vae = {"name": "ldm-f16d32", "source": None, "latent_mean": mean, "latent_std": std, "pixel_range": "-1,1"}
+    config = dit_config(NAME, ARCH, kwargs, "ReLinear", side, vae, "lightningdit",
+                        guidance_channels=GUIDED_CHANNELS if channels > GUIDED_CHANNELS else None)
+    return frozen_model(net, config, device, dtype)

@@ -1,7 +1,10 @@
 """REPA-E (End2End-Diffusion/REPA-E): SiT checkpoints of train_repae.py, train_ldm_only.py, or a bare EMA state dict.
 
-Containers: end-to-end {"model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "args",
-"steps"}; LDM-only {"model", "ema", "opt", "args", "steps"}. Sampling uses `ema` (generate.py).
+Files: a torch zip, end-to-end {"model", "ema", "vae", "discriminator", "opt", "opt_vae", "opt_disc", "args",
+"steps"} or LDM-only {"model", "ema", "opt", "args", "steps"} (`args` an argparse Namespace), or the bare EMA:
+a SiT state dict (`x_embedder.*`, `pos_embed`, `blocks.N.*`) plus `bn.*` latent statistics and `projectors.*`.
+Sampling uses `ema` (generate.py).
+
 Transport: x_t = (1 - t) x + t eps with velocity target eps - x (samplers.py, SiT.interpolant
 "linear"), i.e. Linear exactly. Latents: generate.py decodes z = m / latents_scale + latents_bias with
 latents_scale = rsqrt(bn.running_var) (no BatchNorm eps) and latents_bias = bn.running_mean of the EMA
@@ -12,7 +15,7 @@ End-to-end files carry the jointly tuned VAE (`vae`, latent-diffusion names): it
 from __future__ import annotations
 
 import argparse
-import math
+import functools
 import re
 import warnings
 from collections.abc import Mapping
@@ -22,11 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ucgm_convert.adapters.common import (channel_stats, dit_config, dit_geometry, frozen_model, given_overrides,
+                                          label_classes, meta_network, require_keys, shape_error, size_table_heads)
 from ucgm_convert.errors import UCGMError
-from ucgm_convert.model import GenerativeModel, ModelConfig
+from ucgm_convert.model import GenerativeModel
 from ucgm_convert.nets.sit import SiT
 from ucgm_convert.readers import read_torch, tensor_dict
-from ucgm_convert.statedict import load_state_dict_strict
 from ucgm_convert.vae import vae_only
 
 NAME = "repa-e"
@@ -46,7 +50,7 @@ TRAINING_ONLY = {
 SIT_SIZES = {"S": (384, 6), "B": (768, 12), "L": (1024, 16), "XL": (1152, 16)}
 _SIZE_NAME = re.compile(r"^SiT-(S|B|L|XL)/(\d+)$")
 VAE_NAMES = {"f8d4": "sd-vae", "f16d32": "ldm-f16d32"}  # args.vae -> our VAE spec name
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+MODEL = "a REPA-E SiT"  # completes the shape errors' "expected ... for"
 
 
 def _training_only(key: str) -> bool:
@@ -87,8 +91,7 @@ def detect(path: Path) -> bool:
         isinstance(model, str) and model.startswith("SiT-"))
 
 
-def _shape_error(path: Path, key: str, tensor: Tensor, expected: str) -> UCGMError:
-    return UCGMError(f"{path}: tensor {key} has shape {list(tensor.shape)}; expected {expected} for a REPA-E SiT")
+_shape_error = functools.partial(shape_error, model=MODEL)
 
 
 def _num_heads(path: Path, hidden: int, patch: int, model_name: Any, requested: int | None) -> int:
@@ -106,62 +109,41 @@ def _num_heads(path: Path, hidden: int, patch: int, model_name: Any, requested: 
         if requested < 1 or hidden % requested:
             raise UCGMError(f"{path}: num_heads={requested} does not divide the hidden size {hidden}")
         return int(requested)
-    if hidden == 1152:  # XL: 16 heads of 72 (upstream size table); every other size uses heads of 64
-        return 16
-    if hidden % 64:
+    heads = size_table_heads(hidden)
+    if heads is None:
         raise UCGMError(f"{path}: cannot tell the number of attention heads of hidden size {hidden} (no upstream "
                         f"size in args.model: {model_name!r}); pass num_heads=")
-    return hidden // 64
+    return heads
 
 
 def _arch_kwargs(path: Path, state: Mapping[str, Tensor], args: argparse.Namespace | None,
                  num_heads: int | None) -> dict[str, Any]:
     """Constructor arguments of our SiT, read from tensor shapes (heads from args / override / size table)."""
-    proj = state["x_embedder.proj.weight"]
-    if proj.ndim != 4 or proj.shape[2] != proj.shape[3]:
-        raise _shape_error(path, "x_embedder.proj.weight", proj, "[hidden, channels, patch, patch]")
-    hidden, channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
-    pos = state["pos_embed"]
-    grid = math.isqrt(pos.shape[1]) if pos.ndim == 3 else 0
-    if pos.ndim != 3 or pos.shape[0] != 1 or grid * grid != pos.shape[1] or pos.shape[2] != hidden:
-        raise _shape_error(path, "pos_embed", pos, f"[1, side^2, {hidden}] (a square token grid)")
+    geometry = dit_geometry(path, state, MODEL)
+    hidden, channels, patch = geometry["hidden_size"], geometry["in_channels"], geometry["patch_size"]
     final = state["final_layer.linear.weight"]
     if final.shape[0] != patch * patch * channels:
         raise _shape_error(path, "final_layer.linear.weight", final, f"[{patch * patch * channels}, {hidden}]")
     if args is not None and getattr(args, "cfg_prob", 0.1) == 0:
         raise UCGMError(f"{path}: trained with cfg_prob 0 (args.cfg_prob), so its label table has no null-class row; "
                         "such unguided SiTs are not supported")
-    table = state["y_embedder.embedding_table.weight"]
-    if table.shape[0] < 2:
-        raise _shape_error(path, "y_embedder.embedding_table.weight", table, "[num_classes + 1 (null class), hidden]")
+    classes = label_classes(path, state, MODEL)
     fc1 = state["blocks.0.mlp.fc1.weight"]
     mlp_ratio = fc1.shape[0] / hidden
     if int(hidden * mlp_ratio) != fc1.shape[0]:
         raise _shape_error(path, "blocks.0.mlp.fc1.weight", fc1, f"[int({hidden} * mlp_ratio), {hidden}]")
     return {
-        "input_size": grid * patch,
-        "patch_size": patch,
-        "in_channels": channels,
-        "hidden_size": hidden,
-        "depth": 1 + max(int(m.group(1)) for k in state if (m := _BLOCK.match(k))),
+        **geometry,
         "num_heads": _num_heads(path, hidden, patch, getattr(args, "model", None), num_heads),
         "mlp_ratio": mlp_ratio,
-        "num_classes": table.shape[0] - 1,
+        "num_classes": classes,
         "qk_norm": "blocks.0.attn.q_norm.weight" in state,
     }
 
 
 def _stats_file(stats_path: Path, channels: int) -> tuple[list[float], list[float]]:
     """(mean, std) = (latents_bias, 1 / latents_scale) of a `<vae>-latents-stats.pt`."""
-    obj = read_torch(stats_path)
-    values = {}
-    for key in ("latents_bias", "latents_scale"):
-        tensor = obj.get(key) if isinstance(obj, Mapping) else None
-        if not isinstance(tensor, Tensor) or tensor.numel() != channels:
-            raise UCGMError(f"{stats_path}: expected REPA-E latent statistics {{'latents_scale', 'latents_bias'}} with "
-                            f"{channels} values each (shape [1, {channels}, 1, 1]); {key!r} is "
-                            f"{list(tensor.shape) if isinstance(tensor, Tensor) else 'missing'}")
-        values[key] = tensor.double().flatten()
+    values = channel_stats(stats_path, ("latents_bias", "latents_scale"), channels, "REPA-E latent statistics")
     if (values["latents_scale"] <= 0).any():
         raise UCGMError(f"{stats_path}: latents_scale must be positive")
     return values["latents_bias"].tolist(), (1 / values["latents_scale"]).tolist()
@@ -216,36 +198,20 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
          **overrides: Any) -> GenerativeModel:
     """Load the EMA SiT of `path` as a Linear model, with the checkpoint's tuned VAE when it has one."""
     path = Path(path)
-    unknown = sorted(set(overrides) - set(OVERRIDES))
-    if unknown:
-        raise UCGMError(f"{path}: unknown override(s) {', '.join(unknown)}; REPA-E accepts {', '.join(OVERRIDES)}")
+    overrides = given_overrides(path, overrides, OVERRIDES, "REPA-E")
     obj = read_torch(path)
     weights, where = _ema(obj)
     state = tensor_dict(weights, str(path) + where)
-    missing = [k for k in CORE_KEYS if k not in state]
-    if missing:
-        raise UCGMError(f"{path}{where}: not a REPA-E SiT state dict; missing keys: {', '.join(missing)}")
+    require_keys(state, CORE_KEYS, f"{path}{where}", "REPA-E SiT state dict")
     args = _args(obj)
     kwargs = _arch_kwargs(path, state, args, overrides.get("num_heads"))
-    with torch.device("meta"):
-        net = SiT(**kwargs)
-    load_state_dict_strict(net, {k: v for k, v in state.items() if not _training_only(k)}, str(path) + where,
-                           assign=True)
+    net = meta_network(SiT, kwargs, {k: v for k, v in state.items() if not _training_only(k)}, str(path) + where)
     channels, side = kwargs["in_channels"], kwargs["input_size"]
     mean, std = _latent_stats(path, obj, state, args, channels, overrides.get("latent_stats"))
     vae_name = VAE_NAMES.get(getattr(args, "vae", None), "sd-vae" if channels == 4 else "ldm-f16d32")
-    config = ModelConfig(
-        family=NAME,
-        arch=ARCH,
-        arch_kwargs=kwargs,
-        transport="Linear",
-        num_classes=kwargs["num_classes"],
-        latent_shape=(channels, side, side),
-        null_class=kwargs["num_classes"],
-        vae={"name": vae_name, "source": None, "latent_mean": mean, "latent_std": std, "pixel_range": "-1,1"},
-        recipe="repa-e",
-    )
-    model = GenerativeModel(net, config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    vae = {"name": vae_name, "source": None, "latent_mean": mean, "latent_std": std, "pixel_range": "-1,1"}
+    config = dit_config(NAME, ARCH, kwargs, "Linear", side, vae, "repa-e")
+    model = frozen_model(net, config, device, dtype)
     if _end_to_end(obj):
         model.vae_state = vae_only(tensor_dict(obj, str(path), "vae"), f"{path} ['vae']")
     return model

@@ -1,4 +1,9 @@
-"""Our own format (written by `ucgm convert` and `ucgm tune`): safetensors + config.json."""
+"""Our own format (written by `ucgm convert` and `ucgm tune`): safetensors + config.json.
+
+Files: a folder with config.json (the ModelConfig: family, arch + arch_kwargs, transport, latent shape, VAE),
+model.safetensors (the network's state dict, unprefixed), optionally vae.safetensors (a tuned VAE),
+recipe.yaml and README.md. The config fixes the architecture, so no overrides apply.
+"""
 
 from __future__ import annotations
 
