@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ucgm_convert.errors import UCGMError
+from ucgm_convert.readers import is_damaged_zip
 
 from . import ddt
 from . import edm2
@@ -29,6 +30,8 @@ def get_adapter(family: str) -> ModuleType:
 
 def detect_family(path: Path) -> str:
     """The family whose adapter recognises `path`'s contents."""
+    if path.is_file() and is_damaged_zip(path):
+        raise UCGMError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?)")
     for name, adapter in ADAPTERS.items():
         if adapter.detect(path):
             return name

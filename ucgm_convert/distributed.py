@@ -81,16 +81,18 @@ def without_nproc(argv: Sequence[str]) -> list[str]:
 
 def relaunch_with_torchrun(nproc: int, argv: Sequence[str] | None = None) -> int:
     """Run this same `ucgm` command under torchrun with `nproc` processes; returns the exit code
-    of the first failing process (2 for bad input, which that process has already reported)."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun_main
+    of the first failing process (2 for bad input, which that process has already reported).
 
-    args = [f"--nproc_per_node={nproc}", "--standalone", "-m", "ucgm_convert",
-            *without_nproc(sys.argv[1:] if argv is None else argv)]
+    Only torchrun's own options go through its argument parser: the command's arguments are
+    set directly, so none of them can be taken for an abbreviation of a torchrun option.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args([f"--nproc_per_node={nproc}", "--standalone", "-m", "ucgm_convert"])
+    args.training_script_args = without_nproc(sys.argv[1:] if argv is None else argv)
     try:
-        torchrun_main(args)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+        run(args)
     except ChildFailedError as err:
         codes = [failure.exitcode for failure in err.failures.values() if failure.exitcode]
         return codes[0] if codes and codes[0] > 0 else 1

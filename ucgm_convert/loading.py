@@ -89,8 +89,8 @@ def load(
     adapter = get_adapter(name)
     if family is not None and not adapter.detect(path):
         try:
-            actual = f"its contents look like a {detect_family(path)!r} checkpoint"
+            actual = detect_family(path)
         except UCGMError as err:
-            actual = str(err)
-        raise UCGMError(f"{path}: does not look like a {family!r} checkpoint ({actual})")
+            raise UCGMError(f"{err} (expected family {family!r})") from None
+        raise UCGMError(f"{path}: not a checkpoint of family {family!r}; its contents look like family {actual!r}")
     return adapter.load(path, device=device, dtype=dtype, **overrides)

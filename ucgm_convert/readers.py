@@ -42,11 +42,23 @@ def _read_torch_cached(path: str, mtime_ns: int, size: int) -> Any:
                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
 
+def is_damaged_zip(path: Path) -> bool:
+    """True for a file that starts like a zip (torch.save) archive but is not a readable one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" and not zipfile.is_zipfile(path)
+
+
 def read_torch(path: str | Path) -> Any:
     """torch.load(path) with weights_only=True and mmap (weights stay on disk until used)."""
     path = Path(path)
     if not path.is_file():
         raise UCGMError(f"{path}: no such file")
+    if is_damaged_zip(path):
+        raise UCGMError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?)")
     if not is_torch_zip(path):
         raise UCGMError(f"{path}: not a PyTorch zip checkpoint (torch.save format)")
     stat = path.stat()

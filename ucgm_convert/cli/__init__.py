@@ -23,6 +23,16 @@ app.command("sample")(sample_command)
 from .convert import convert_command  # noqa: E402
 
 app.command("convert")(convert_command)
+from .prepare import prepare_command  # noqa: E402
+app.command("prepare-data")(prepare_command)
+
+from .eval import eval_app  # noqa: E402
+
+app.add_typer(eval_app, name="eval")
+from .push import push_command  # noqa: E402
+app.command("push")(push_command)
+from .tune import tune_command  # noqa: E402
+app.command("tune")(tune_command)
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -20,14 +20,17 @@ from ..model import GenerativeModel
 from ..vae import load_model_vae
 from ..recipe import Recipe, SamplingSettings, apply_overrides, load_recipe
 from .common import clean_errors, console, parse_classes
+from .convert import ENCODER_DEPTH, LATENT_STATS, NUM_HEADS, RESOLUTION, arch_overrides
 
 DEFAULT_RECIPE = "demo"
 
 
 def resolve_model_and_settings(
-    recipe_name: str | None, checkpoint: str | None, family: str | None, device: str
+    recipe_name: str | None, checkpoint: str | None, family: str | None, device: str,
+    overrides: dict[str, Any] | None = None,
 ) -> tuple[GenerativeModel, SamplingSettings | None, str]:
-    """Load the model and pick base sampling settings: --from recipe, else the checkpoint's own."""
+    """Load the model (with `uc.load` architecture `overrides`) and pick base sampling settings:
+    --from recipe, else the checkpoint's own."""
     recipe: Recipe | None = None
     if recipe_name is not None or checkpoint is None:
         recipe = load_recipe(recipe_name or DEFAULT_RECIPE)
@@ -38,7 +41,7 @@ def resolve_model_and_settings(
         torch_device = torch.device(device)
     except RuntimeError:
         raise UCGMError(f"--device: not a torch device: {device!r}") from None
-    model = load(source, family=family, device=torch_device)
+    model = load(source, family=family, device=torch_device, **(overrides or {}))
     if recipe is not None:
         return model, recipe.sampling, f"recipe {recipe.name}"
     if model.cfg.sampling:
@@ -64,6 +67,10 @@ def sample_command(
     recipe: Optional[str] = typer.Option(None, "--from", help="Recipe name (see `ucgm recipes list`). Default: demo, unless --checkpoint stores its own settings."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint file, folder, or Hub repo id. Default: the recipe's."),
     family: Optional[str] = typer.Option(None, "--family", help="Source family; detected from the file's contents when omitted."),
+    num_heads: Optional[int] = NUM_HEADS,
+    encoder_depth: Optional[int] = ENCODER_DEPTH,
+    resolution: Optional[int] = RESOLUTION,
+    latent_stats: Optional[Path] = LATENT_STATS,
     vae: Optional[str] = typer.Option(None, "--vae", help="VAE weights: file (.pt/.ckpt/.safetensors), diffusers folder or Hub repo id. Default: the VAE stored with the model, else the one its config names."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps. Default: the recipe's."),
     order: Optional[int] = typer.Option(None, help="Solver order, 1 or 2. Default: the recipe's."),
@@ -82,12 +89,58 @@ def sample_command(
     dtype: str = typer.Option("float32", help="Network precision: float32, bfloat16 or float16 (autocast)."),
 ) -> None:
     """Sample a model with UCGM-S and write OUT/samples.npz (arr_0 uint8 NHWC, arr_1 labels) and OUT/grid.png."""
-    model, base, origin = resolve_model_and_settings(recipe, checkpoint, family, device)
+    model, base, origin = resolve_model_and_settings(
+        recipe, checkpoint, family, device, arch_overrides(num_heads, encoder_depth, resolution, latent_stats))
+    settings = effective_settings(base, checkpoint, steps=steps, order=order, cfg=cfg, cfg_interval=cfg_interval,
+                                  extrapolation=extrapolation, stochasticity=stochasticity, time_dist=time_dist,
+                                  gaps=gaps)
+    class_ids = parse_classes(classes, model.num_classes)
+    labels = balanced_labels(num, class_ids)
+    console.print(settings_table(settings, origin, {
+        "model": f"{model.family} ({model.cfg.arch}, {model.transport.name})",
+        "num / batch size / seed": f"{num} / {batch_size} / {seed}",
+        "device / dtype": f"{device} / {dtype}",
+        "NFE per sample": settings.nfe_label,
+    }))
+    try:
+        vae_module = load_model_vae(model, path=vae)
+    except UCGMError as err:
+        raise UCGMError(f"{vae or checkpoint or recipe or DEFAULT_RECIPE}: {err}") from None
+    batches_out: list[np.ndarray] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("sampling", total=num, rate="")
+        for index_range in batches(num, batch_size):
+            def on_step(i: int, _: torch.Tensor, start: int = index_range.start) -> None:
+                progress.update(task, description=f"sampling (batch at {start}, step {i + 1})")
+            _, images = generate_batch(model, settings, [labels[i] for i in index_range], index_range, seed,
+                                       dtype, on_step, vae_module)
+            batches_out.append(images.numpy())
+            done = progress.tasks[task].completed + len(index_range)
+            elapsed = progress.tasks[task].elapsed or 1e-9
+            progress.update(task, completed=done, rate=f"{done / elapsed:.1f} samples/s")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UCGMError(f"--out {out}: cannot create folder ({err.strerror})") from None
+    all_images = np.concatenate(batches_out)
+    save_npz(out / "samples.npz", all_images, np.asarray(labels, dtype=np.int64))
+    save_grid(out / "grid.png", all_images)
+    console.print(f"wrote {out / 'samples.npz'} and {out / 'grid.png'}")
+
+
+def effective_settings(
+    base: SamplingSettings | None, checkpoint: str | None, *, steps: int | None, order: int | None,
+    cfg: float | None, cfg_interval: str | None, extrapolation: float | None, stochasticity: str | None,
+    time_dist: str | None, gaps: str | None,
+) -> SamplingSettings:
+    """The base settings (recipe / checkpoint / none) with the sampling flags applied (shared with `ucgm eval fid`)."""
     if base is None:
         if steps is None:
             raise UCGMError(f"{checkpoint}: stores no sampling defaults; pass --from RECIPE or --steps")
         base = SamplingSettings(steps=steps)
-    settings = apply_overrides(
+    return apply_overrides(
         base,
         steps=steps,
         order=order,
@@ -99,36 +152,6 @@ def sample_command(
         gaps=gaps,
         flag_names={"cfg_scale": "--cfg"},
     )
-    class_ids = parse_classes(classes, model.num_classes)
-    labels = balanced_labels(num, class_ids)
-    console.print(settings_table(settings, origin, {
-        "model": f"{model.family} ({model.cfg.arch}, {model.transport.name})",
-        "num / batch size / seed": f"{num} / {batch_size} / {seed}",
-        "device / dtype": f"{device} / {dtype}",
-        "NFE per sample": settings.nfe_label,
-    }))
-    vae_module = load_model_vae(model, path=vae)
-    all_images = np.zeros((num, *model.latent_shape[1:], 3), dtype=np.uint8)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("sampling", total=num, rate="")
-        for index_range in batches(num, batch_size):
-            def on_step(i: int, _: torch.Tensor, start: int = index_range.start) -> None:
-                progress.update(task, description=f"sampling (batch at {start}, step {i + 1})")
-            _, images = generate_batch(model, settings, [labels[i] for i in index_range], index_range, seed,
-                                       dtype, on_step, vae_module)
-            all_images[index_range.start:index_range.stop] = images.numpy()
-            done = progress.tasks[task].completed + len(index_range)
-            elapsed = progress.tasks[task].elapsed or 1e-9
-            progress.update(task, completed=done, rate=f"{done / elapsed:.1f} samples/s")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UCGMError(f"--out {out}: cannot create folder ({err.strerror})") from None
-    save_npz(out / "samples.npz", all_images, np.asarray(labels, dtype=np.int64))
-    save_grid(out / "grid.png", all_images)
-    console.print(f"wrote {out / 'samples.npz'} and {out / 'grid.png'}")
 
 
 def _parse_stochasticity(text: str | None) -> float | str | None:
