@@ -264,9 +264,9 @@ def test_truncated_file(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     path = checkpoints["full"]
     cut = tmp_path / "cut.pt"
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(uc.UCGMError, match="cut.pt"):
+    with pytest.raises(uc.UCGMError, match=r"cut.pt: .*truncated or corrupted"):
         uc.load(cut, family="lightningdit")
-    with pytest.raises(uc.UCGMError, match="cut.pt: not a PyTorch zip checkpoint"):
+    with pytest.raises(uc.UCGMError, match=r"cut.pt: not a readable PyTorch checkpoint \(truncated or corrupted\?\)"):
         get_adapter("lightningdit").load(cut)
 
 

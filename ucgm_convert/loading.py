@@ -89,8 +89,8 @@ def load(
     adapter = get_adapter(name)
     if family is not None and not adapter.detect(path):
         try:
-            actual = detect_family(path)
+            actual = f"its contents look like family {detect_family(path)!r}"
         except UCGMError as err:
-            raise UCGMError(f"{err} (expected family {family!r})") from None
-        raise UCGMError(f"{path}: not a checkpoint of family {family!r}; its contents look like family {actual!r}")
+            actual = str(err)
+        raise UCGMError(f"{path}: does not look like a {family!r} checkpoint ({actual})")
     return adapter.load(path, device=device, dtype=dtype, **overrides)
