@@ -199,8 +199,9 @@ def test_demo_recipe() -> None:
     assert (r.family, r.model, r.resolution, r.transport, r.num_classes, r.vae, r.checkpoint) == (
         "ucgm", "SiT-demo", 16, "Linear", 10, "identity", "embedded:demo"
     )
-    assert r.sampling == SamplingSettings(steps=16)
-    assert r.sampling.nfe_label == "16" and r.sampling.evaluations(r.transport) == 16
+    assert r.sampling == SamplingSettings(steps=16, cfg_scale=1.5)
+    assert r.sampling == SamplingSettings(**uc.load("embedded:demo").cfg.sampling)  # the model's own defaults
+    assert r.sampling.nfe_label == "16x2" and r.sampling.evaluations(r.transport) == 32
     assert r.paper_before is r.paper_after is r.paper_tuned is None
     assert "bench/demo_tune.py" in recipe_text("demo")  # where the demo tuning values were measured
 
