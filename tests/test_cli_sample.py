@@ -129,3 +129,22 @@ def test_module_entry_point_and_help_show_defaults() -> None:
     result = subprocess.run([sys.executable, "-m", "ucgm_convert", "--help"], capture_output=True, text=True,
                             check=True)
     assert "sample" in result.stdout and "recipes" in result.stdout
+
+
+def test_cfg_channels_follows_the_model_policy_unless_all(tmp_path: Path) -> None:
+    from conftest import tiny_model
+
+    model = tiny_model()
+    model.cfg.guidance_channels = 1  # as LightningDiT declares 3: guidance touches the first channel only
+    path = uc.save_checkpoint(model, tmp_path / "ck")
+    outs = {}
+    for policy in ("model", "all"):
+        code, output = run("--checkpoint", str(path), "--num", "3", "--cfg", "3.0", "--cfg-channels", policy,
+                           "--out", str(tmp_path / policy))
+        assert code == 0, output
+        outs[policy] = images(tmp_path / policy)[0]
+    code, output = run("--checkpoint", str(path), "--num", "3", "--cfg", "3.0", "--out", str(tmp_path / "default"))
+    assert np.array_equal(images(tmp_path / "default")[0], outs["model"])
+    assert not np.array_equal(outs["model"], outs["all"])
+    code, output = run("--checkpoint", str(path), "--num", "3", "--cfg-channels", "some", "--out", str(tmp_path / "x"))
+    assert code == 2 and "--cfg-channels" in output

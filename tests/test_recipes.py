@@ -146,7 +146,8 @@ def test_repa_e_values_spelled_out() -> None:
         "time_dist": (1.2, 0.72, 1.2), "gaps": (0.001, 0.002),
     }
     assert (r.sampling.cfg_scale, r.sampling.cfg_interval) == (2.5, (0.0, 0.76))
-    assert r.sampling.guidance_kwargs() == {"scale": 2.5, "interval": (0.0, 0.76)}
+    assert r.sampling.guidance_kwargs() == {"scale": 2.5, "interval": (0.0, 0.76), "channels": None}
+    assert dataclasses.replace(r.sampling, cfg_channels="all").guidance_kwargs()["channels"] == "all"
     assert r.transport == "Linear"
     assert r.sampling.nfe_label == "40x2" and r.sampling.nfe == 80
 

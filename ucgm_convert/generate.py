@@ -49,7 +49,7 @@ def model_fn(model: GenerativeModel, settings: SamplingSettings, dtype: str = "f
         raise UCGMError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     fn: Callable[..., Tensor] = model
     if settings.cfg_scale != 1.0:
-        fn = guided(model, settings.cfg_scale, settings.cfg_interval)
+        fn = guided(model, **settings.guidance_kwargs())
     if DTYPES[dtype] == torch.float32:
         return row_padded(fn)
     device_type = model.device.type

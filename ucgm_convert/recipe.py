@@ -51,6 +51,7 @@ __all__ = [
 
 Family = Literal["repa-e", "lightningdit", "ddt", "edm2", "ucgm"]
 Teacher = Literal["frozen", "online"]
+CfgChannels = Literal["model", "all"]
 FAMILIES: tuple[str, ...] = typing.get_args(Family)
 OPTIMIZERS = ("RAdam", "Adam", "AdamW")
 RECIPE_PACKAGE = "ucgm_convert.recipes"
@@ -381,6 +382,9 @@ class SamplingSettings(_Validated):
     cfg_interval: tuple[float, float] = field(
         default=(0.0, 1.0), metadata=_spec(**_UNIT, check=(_lo_le_hi, "with lo <= hi"))
     )
+    # "model": the channels the model's family guides (LightningDiT's published guidance: the
+    # first 3 latent channels); "all": every channel.
+    cfg_channels: CfgChannels = "model"
 
     SAMPLE_KEYS: ClassVar[tuple[str, ...]] = (
         "steps", "order", "stochasticity", "extrapolation", "time_dist", "gaps",
@@ -391,8 +395,9 @@ class SamplingSettings(_Validated):
         return {key: getattr(self, key) for key in self.SAMPLE_KEYS}
 
     def guidance_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `uc.guided` (scale, interval); use only when `uses_guidance`."""
-        return {"scale": self.cfg_scale, "interval": self.cfg_interval}
+        """Keyword arguments for `uc.guided` (scale, interval, channels); use only when `uses_guidance`."""
+        return {"scale": self.cfg_scale, "interval": self.cfg_interval,
+                "channels": "all" if self.cfg_channels == "all" else None}
 
     @property
     def uses_guidance(self) -> bool:

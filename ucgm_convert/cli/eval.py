@@ -89,6 +89,7 @@ def fid_command(
     order: Optional[int] = typer.Option(None, help="Solver order, 1 or 2. Default: the recipe's."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale; 1.0 = off. Default: the recipe's."),
     cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="'lo,hi': times (model convention, 0..1) where guidance applies."),
+    cfg_channels: Optional[str] = typer.Option(None, "--cfg-channels", help="'model': the channels the family's published guidance touches (LightningDiT: the first 3); 'all': every channel. Default: the recipe's (model)."),
     extrapolation: Optional[float] = typer.Option(None, help="Extrapolation ratio lambda (>= 0). Default: the recipe's."),
     stochasticity: Optional[str] = typer.Option(None, help="Stochasticity rho in [0, 1] or 'auto'. Default: the recipe's."),
     time_dist: Optional[str] = typer.Option(None, "--time-dist", help="'a,b,c' Kumaraswamy warp of the time grid."),
@@ -116,7 +117,8 @@ def fid_command(
         _fid(ctx, reference, out, num, allow_unbalanced, chunk_size, seed, batch_size, dtype, save_images, save_npz,
              inception_weights, recipe, checkpoint, family, vae,
              arch_overrides(num_heads, encoder_depth, resolution, latent_stats),
-             dict(steps=steps, order=order, cfg=cfg, cfg_interval=cfg_interval, extrapolation=extrapolation,
+             dict(steps=steps, order=order, cfg=cfg, cfg_interval=cfg_interval, cfg_channels=cfg_channels,
+                  extrapolation=extrapolation,
                   stochasticity=stochasticity, time_dist=time_dist, gaps=gaps))
     finally:
         teardown(ctx)

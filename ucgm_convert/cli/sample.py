@@ -76,6 +76,7 @@ def sample_command(
     order: Optional[int] = typer.Option(None, help="Solver order, 1 or 2. Default: the recipe's."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale; 1.0 = off. Default: the recipe's."),
     cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="'lo,hi': times (model convention, 0..1) where guidance applies."),
+    cfg_channels: Optional[str] = typer.Option(None, "--cfg-channels", help="'model': the channels the family's published guidance touches (LightningDiT: the first 3); 'all': every channel. Default: the recipe's (model)."),
     extrapolation: Optional[float] = typer.Option(None, help="Extrapolation ratio lambda (>= 0). Default: the recipe's."),
     stochasticity: Optional[str] = typer.Option(None, help="Stochasticity rho in [0, 1] or 'auto'. Default: the recipe's."),
     time_dist: Optional[str] = typer.Option(None, "--time-dist", help="'a,b,c' Kumaraswamy warp of the time grid."),
@@ -92,7 +93,8 @@ def sample_command(
     model, base, origin = resolve_model_and_settings(
         recipe, checkpoint, family, device, arch_overrides(num_heads, encoder_depth, resolution, latent_stats))
     settings = effective_settings(base, checkpoint, steps=steps, order=order, cfg=cfg, cfg_interval=cfg_interval,
-                                  extrapolation=extrapolation, stochasticity=stochasticity, time_dist=time_dist,
+                                  cfg_channels=cfg_channels, extrapolation=extrapolation,
+                                  stochasticity=stochasticity, time_dist=time_dist,
                                   gaps=gaps)
     class_ids = parse_classes(classes, model.num_classes)
     labels = balanced_labels(num, class_ids)
@@ -132,8 +134,8 @@ def sample_command(
 
 def effective_settings(
     base: SamplingSettings | None, checkpoint: str | None, *, steps: int | None, order: int | None,
-    cfg: float | None, cfg_interval: str | None, extrapolation: float | None, stochasticity: str | None,
-    time_dist: str | None, gaps: str | None,
+    cfg: float | None, cfg_interval: str | None, cfg_channels: str | None, extrapolation: float | None,
+    stochasticity: str | None, time_dist: str | None, gaps: str | None,
 ) -> SamplingSettings:
     """The base settings (recipe / checkpoint / none) with the sampling flags applied (shared with `ucgm eval fid`)."""
     if base is None:
@@ -146,6 +148,7 @@ def effective_settings(
         order=order,
         cfg_scale=cfg,
         cfg_interval=cfg_interval,
+        cfg_channels=cfg_channels,
         extrapolation=extrapolation,
         stochasticity=_parse_stochasticity(stochasticity),
         time_dist=time_dist,
