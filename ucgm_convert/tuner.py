@@ -23,6 +23,14 @@ on one process: global batch B is cut into B / batch_size micro-batches ("chunks
 takes chunks r*A .. r*A+A-1 (A = accumulation steps), each chunk's loss is the objective on
 that chunk alone (so label drop applies to the last round(p * batch_size) rows of every
 chunk, whatever the number of processes), and the gradient is the mean over all chunks.
+
+Several processes train with DDP (every process holds the whole student and optimizer), or,
+with `fsdp=True` (`--fsdp`), with FSDP2 (`torch.distributed.fsdp.fully_shard` on each block of
+`net.blocks`, then on the net): the student's parameters, gradients and optimizer state are
+sharded over the processes, the frozen teacher is sharded the same way (forward only), and the
+EMA stays a full copy updated on rank 0 from the gathered student after each step. Checkpoints
+hold full (gathered) weights and optimizer state in the same format as DDP / one-process runs,
+so a run can be resumed with or without --fsdp and with any number of processes.
 """
 
 from __future__ import annotations
@@ -146,6 +154,7 @@ class TuneConfig:
     demo_size: int = DEMO_SIZE
     threads: int | None = None
     progress: bool = True
+    fsdp: bool = False  # shard with FSDP2 when launched with > 1 process (no-op, with a note, for 1)
 
     def __post_init__(self) -> None:
         if str(self.out).strip() == "":
@@ -277,6 +286,60 @@ def _checkpoint_blocks(net: nn.Module) -> int:
 
         block.forward = types.MethodType(forward, block)
     return len(blocks)
+
+
+def _fsdp_shard(net: nn.Module, ctx: distributed.Context) -> None:
+    """FSDP2: shard each block of net.blocks (when present), then the rest of the net."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    blocks = getattr(net, "blocks", None)
+    if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+
+
+def _full_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _fsdp_gather_model(net: nn.Module) -> dict[str, Tensor]:
+    """The full (unsharded) state dict of a sharded net on CPU on rank 0 ({} elsewhere); collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(net, options=_full_options())
+
+
+def _fsdp_gather_optimizer(net: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The full optimizer state on rank 0 ({} elsewhere), in optimizer.state_dict()'s format
+    (parameters numbered in param-group order, like a DDP or one-process run); collective."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    by_name = get_optimizer_state_dict(net, optimizer, options=_full_options())
+    if not by_name:
+        return {}
+    ids: dict[str, int] = {}
+    groups = [{**g, "params": [ids.setdefault(name, len(ids)) for name in g["params"]]}
+              for g in by_name["param_groups"]]
+    return {"state": {ids[name]: s for name, s in by_name["state"].items()}, "param_groups": groups}
+
+
+def _fsdp_shard_optimizer_state(full: dict[str, Any], params: list[nn.Parameter]) -> dict[str, Any]:
+    """A full optimizer.state_dict() cut to this process's shards of the (DTensor) params."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    def shard(value: Any, p: nn.Parameter) -> Any:
+        if isinstance(p, DTensor) and torch.is_tensor(value) and value.shape == p.shape:
+            # every process holds the full value: each keeps its own shard, no communication
+            return distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+        return value
+
+    state = {i: {k: shard(v, params[i]) for k, v in s.items()} for i, s in full["state"].items()}
+    return {"state": state, "param_groups": full["param_groups"]}
 
 
 def chunk_seed(seed: int, step: int, chunk: int) -> int:
@@ -477,6 +540,13 @@ def _ema_update(ema: nn.Module, student: nn.Module, decay: float) -> None:
         p_ema.lerp_(p.detach(), 1.0 - decay)
 
 
+@torch.no_grad()
+def _ema_update_full(ema: GenerativeModel, full: dict[str, Tensor], decay: float) -> None:
+    """_ema_update from the gathered full state dict of the student's net (FSDP)."""
+    for name, p_ema in ema.net.named_parameters():
+        p_ema.lerp_(full[name].to(p_ema.device), 1.0 - decay)
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop lines after `step` (written by the interrupted run after its last checkpoint)."""
     if not path.is_file():
@@ -519,7 +589,8 @@ def _summary(run: _Run, start_step: int) -> Table:
         "data": f"{run.data.description}",
         "steps": f"{t.steps} (from step {start_step}); {epochs_seen(run.data.num_samples, t.global_batch, t.steps):.3g} epochs",
         "batch": f"global {t.global_batch} = {run.micro} per process x {run.ctx.world_size} process(es) x "
-                 f"{run.accum} accumulation step(s)",
+                 f"{run.accum} accumulation step(s)"
+                 f"{(' (FSDP)' if run.config.fsdp else ' (DDP)') if run.ctx.distributed else ''}",
         "optimizer": f"{t.optimizer}, lr {t.lr:g}, betas {list(t.betas)}, weight decay {t.weight_decay:g}, "
                      f"grad clip {t.grad_clip:g}",
         "objective": f"consistency {t.consistency:g}, enhanced {t.enhanced:g} on {list(t.enhanced_range)}, "
@@ -559,8 +630,9 @@ def _progress(run: _Run, start: int, total: int) -> Iterator[Callable[..., None]
 def tune(config: TuneConfig) -> Path:
     """Run UCGM-T tuning; returns OUT, a checkpoint folder in our format (EMA weights).
 
-    Launched by torchrun, every process runs this and they train one model with DDP; only
-    rank 0 writes files. Bad input raises one UCGMError before training; a non-finite loss
+    Launched by torchrun, every process runs this and they train one model with DDP (or FSDP2
+    with `config.fsdp`; with one process `fsdp` is a no-op and a note says so); only rank 0
+    writes files. Bad input raises one UCGMError before training; a non-finite loss
     raises TuneDiverged naming the step, with the last good checkpoint kept. Bit-exact resume
     needs the same torch build and CPU thread count (`threads`) as the interrupted run.
     """
@@ -633,8 +705,24 @@ def _tune(config: TuneConfig, ctx: distributed.Context) -> Path:
         run.elapsed_before = float(state.get("elapsed", 0.0))
     last_good: Path | None = latest
 
+    fsdp = config.fsdp and ctx.distributed
+    if config.fsdp and not ctx.distributed:
+        console.print("[yellow]note:[/] --fsdp: only one process, nothing to shard; training unsharded "
+                      "(launch with --nproc N or torchrun to shard)", highlight=False)
     ddp: nn.Module = student
-    if ctx.distributed:
+    if fsdp:
+        # Shard the student (and the frozen teacher), then rebuild the optimizer over the sharded
+        # parameters; a resumed optimizer state (full, loaded above) is cut to this process's shards.
+        full_optimizer = optimizer.state_dict()
+        _fsdp_shard(student.net, ctx)
+        if teacher is not None:
+            _fsdp_shard(teacher.net, ctx)
+        params = [p for p in student.parameters() if p.requires_grad]
+        optimizer = getattr(torch.optim, tuning.optimizer)(params, **tuning.optimizer_kwargs())
+        if full_optimizer["state"]:
+            optimizer.load_state_dict(_fsdp_shard_optimizer_state(full_optimizer, params))
+        del full_optimizer
+    elif ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(student, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
@@ -662,7 +750,9 @@ def _tune(config: TuneConfig, ctx: distributed.Context) -> Path:
     recipe_yaml = run.recipe.to_yaml()
     card = _model_card(run.recipe, config, ema, run.source, tuning.steps)
 
-    def save(step: int, elapsed: float) -> Path:
+    def save(step: int, elapsed: float, gathered: tuple[dict[str, Tensor], dict[str, Any]] | None = None) -> Path:
+        """Write a checkpoint (rank 0); under FSDP `gathered` is the full (student, optimizer) state."""
+        assert gathered is not None or not fsdp, "FSDP checkpoints need the gathered full state"
         name = f"step-{step:06d}"
         staging = ckpt_root / f".{name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
@@ -671,8 +761,9 @@ def _tune(config: TuneConfig, ctx: distributed.Context) -> Path:
         _write_torch(staging / STATE_NAME, {
             "format": STATE_FORMAT,
             "step": step,
-            "student": {k: v.detach().cpu() for k, v in student.net.state_dict().items()},
-            "optimizer": optimizer.state_dict(),
+            "student": gathered[0] if gathered is not None else
+            {k: v.detach().cpu() for k, v in student.net.state_dict().items()},
+            "optimizer": gathered[1] if gathered is not None else optimizer.state_dict(),
             "rng": {"cpu": torch.get_rng_state(), "cuda": cuda_rng},
             "sampler": {"seed": config.seed, "step": step, "samples_seen": step * tuning.global_batch},
             "elapsed": elapsed,
@@ -710,7 +801,12 @@ def _tune(config: TuneConfig, ctx: distributed.Context) -> Path:
                     t = objective.sample_t(run.micro)
                     z = torch.randn((run.micro, *data_shape))
                     x, y, t, z = x.to(device), y.to(device), t.to(device), z.to(device)
-                    sync = contextlib.nullcontext() if (m == run.accum - 1 or not ctx.distributed) else ddp.no_sync()
+                    if fsdp:  # reduce-scatter the gradients after the last micro-batch only
+                        student.net.set_requires_gradient_sync(m == run.accum - 1)
+                        sync = contextlib.nullcontext()
+                    else:
+                        last = m == run.accum - 1
+                        sync = contextlib.nullcontext() if (last or not ctx.distributed) else ddp.no_sync()
                     with sync:
                         loss = objective(online, x, y, teacher=teacher_fn, t=t, z=z)
                         (loss / run.accum).backward()
@@ -719,6 +815,8 @@ def _tune(config: TuneConfig, ctx: distributed.Context) -> Path:
                     dist.all_reduce(loss_sum)
                 loss_value = float(loss_sum) / chunks_total
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, tuning.grad_clip)
+                if fsdp and hasattr(grad_norm, "full_tensor"):  # a DTensor: the norm over all shards
+                    grad_norm = grad_norm.full_tensor()
                 if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
                     what = f"loss is {loss_value}" if not math.isfinite(loss_value) else \
                         f"gradient norm is {float(grad_norm)} (loss {loss_value:.4g})"
@@ -728,7 +826,13 @@ def _tune(config: TuneConfig, ctx: distributed.Context) -> Path:
                         f"step {step + 1}: the {what}, not finite; stopped without updating the weights; {kept}. "
                         "Check the data for NaN/inf or lower --lr, then rerun (with --resume to continue)")
                 optimizer.step()
-                _ema_update(ema, student, tuning.ema_decay)
+                full_student = None
+                if fsdp:  # gather the full student (collective); rank 0 updates the full EMA
+                    full_student = _fsdp_gather_model(student.net)
+                    if ctx.is_main:
+                        _ema_update_full(ema, full_student, tuning.ema_decay)
+                else:
+                    _ema_update(ema, student, tuning.ema_decay)
                 done = step + 1
                 elapsed = run.elapsed_before + time.perf_counter() - t_start
                 if metrics_file is not None:
@@ -737,9 +841,12 @@ def _tune(config: TuneConfig, ctx: distributed.Context) -> Path:
                                                    "grad_norm": float(grad_norm), "time": round(elapsed, 3)}) + "\n")
                 report(step=done, loss=loss_value)
                 is_last = done == tuning.steps
+                gathered = None
+                if full_student is not None and (is_last or (config.save_every and done % config.save_every == 0)):
+                    gathered = (full_student, _fsdp_gather_optimizer(student.net, optimizer))  # collective
                 if ctx.is_main:
                     if is_last or (config.save_every and done % config.save_every == 0):
-                        last_good = save(done, elapsed)
+                        last_good = save(done, elapsed, gathered)
                     if config.sample_every and (done % config.sample_every == 0 or is_last):
                         _grid(run, ema, done)
                 elif is_last or (config.save_every and done % config.save_every == 0):

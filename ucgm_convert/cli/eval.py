@@ -44,7 +44,10 @@ from ..inception import WEIGHTS_ENV, WEIGHTS_FILENAME, load_inception
 from ..vae import load_model_vae
 from .common import clean_errors, console
 from .convert import ENCODER_DEPTH, LATENT_STATS, NUM_HEADS, RESOLUTION, arch_overrides
-from .sample import effective_settings, resolve_model_and_settings, settings_table
+from .sample import (
+    CFG, CFG_CHANNELS, CFG_INTERVAL, CHECKPOINT, EXTRAPOLATION, FAMILY, FROM, GAPS, ORDER, STEPS, STOCHASTICITY,
+    TIME_DIST, VAE, effective_settings, resolve_model_and_settings, settings_table,
+)
 
 eval_app = typer.Typer(
     help="Measure FID / Inception Score the way papers report them (torch-fidelity's Inception, ADM reference stats).",
@@ -77,23 +80,23 @@ def _context(device: str) -> Context:
 @clean_errors
 def fid_command(
     ref: Path = typer.Option(..., "--ref", help="Reference statistics: an .npz with mu/sigma (ADM VIRTUAL_imagenet256_labeled.npz, `ucgm eval ref` output), torch-fidelity's *-stat-fid-2048.pt, or EDM2's dataset-refs/*.pkl."),
-    recipe: Optional[str] = typer.Option(None, "--from", help="Recipe name (see `ucgm recipes list`). Default: demo, unless --checkpoint stores its own settings."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint file, folder, or Hub repo id. Default: the recipe's."),
-    family: Optional[str] = typer.Option(None, "--family", help="Source family; detected from the file's contents when omitted."),
+    recipe: Optional[str] = FROM,
+    checkpoint: Optional[str] = CHECKPOINT,
+    family: Optional[str] = FAMILY,
     num_heads: Optional[int] = NUM_HEADS,
     encoder_depth: Optional[int] = ENCODER_DEPTH,
     resolution: Optional[int] = RESOLUTION,
     latent_stats: Optional[Path] = LATENT_STATS,
-    vae: Optional[str] = typer.Option(None, "--vae", help="VAE weights: file (.pt/.ckpt/.safetensors), diffusers folder or Hub repo id. Default: the VAE stored with the model, else the one its config names."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps. Default: the recipe's."),
-    order: Optional[int] = typer.Option(None, help="Solver order, 1 or 2. Default: the recipe's."),
-    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale; 1.0 = off. Default: the recipe's."),
-    cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="'lo,hi': times (model convention, 0..1) where guidance applies."),
-    cfg_channels: Optional[str] = typer.Option(None, "--cfg-channels", help="'model': the channels the family's published guidance touches (LightningDiT: the first 3); 'all': every channel. Default: the recipe's (model)."),
-    extrapolation: Optional[float] = typer.Option(None, help="Extrapolation ratio lambda (>= 0). Default: the recipe's."),
-    stochasticity: Optional[str] = typer.Option(None, help="Stochasticity rho in [0, 1] or 'auto'. Default: the recipe's."),
-    time_dist: Optional[str] = typer.Option(None, "--time-dist", help="'a,b,c' Kumaraswamy warp of the time grid."),
-    gaps: Optional[str] = typer.Option(None, help="'start,end' gaps of the time grid (each >= 0)."),
+    vae: Optional[str] = VAE,
+    steps: Optional[int] = STEPS,
+    order: Optional[int] = ORDER,
+    cfg: Optional[float] = CFG,
+    cfg_interval: Optional[str] = CFG_INTERVAL,
+    cfg_channels: Optional[str] = CFG_CHANNELS,
+    extrapolation: Optional[float] = EXTRAPOLATION,
+    stochasticity: Optional[str] = STOCHASTICITY,
+    time_dist: Optional[str] = TIME_DIST,
+    gaps: Optional[str] = GAPS,
     num: int = typer.Option(50000, "--num", min=1, help="Number of samples (papers: 50000). Sample i has class i % num_classes."),
     allow_unbalanced: bool = typer.Option(False, "--allow-unbalanced", help="Allow --num that is not a multiple of the number of classes."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples per sampler batch within a chunk (fixed per --out: on GPUs the batch shape can change the last bits)."),

@@ -24,6 +24,21 @@ from .convert import ENCODER_DEPTH, LATENT_STATS, NUM_HEADS, RESOLUTION, arch_ov
 
 DEFAULT_RECIPE = "demo"
 
+# Options shared with `ucgm eval fid` (every sampling flag of `ucgm sample`).
+FROM = typer.Option(None, "--from", help="Recipe name (see `ucgm recipes list`). Default: demo, unless --checkpoint stores its own settings.")
+CHECKPOINT = typer.Option(None, "--checkpoint", help="Checkpoint file, folder, or Hub repo id. Default: the recipe's.")
+FAMILY = typer.Option(None, "--family", help="Source family; detected from the file's contents when omitted.")
+VAE = typer.Option(None, "--vae", help="VAE weights: file (.pt/.ckpt/.safetensors), diffusers folder or Hub repo id. Default: the VAE stored with the model, else the one its config names.")
+STEPS = typer.Option(None, help="Sampling steps. Default: the recipe's.")
+ORDER = typer.Option(None, help="Solver order, 1 or 2. Default: the recipe's.")
+CFG = typer.Option(None, "--cfg", help="Classifier-free guidance scale; 1.0 = off. Default: the recipe's.")
+CFG_INTERVAL = typer.Option(None, "--cfg-interval", help="'lo,hi': times (model convention, 0..1) where guidance applies.")
+CFG_CHANNELS = typer.Option(None, "--cfg-channels", help="'model': the channels the family's published guidance touches (LightningDiT: the first 3); 'all': every channel. Default: the recipe's (model).")
+EXTRAPOLATION = typer.Option(None, help="Extrapolation ratio lambda (>= 0). Default: the recipe's.")
+STOCHASTICITY = typer.Option(None, help="Stochasticity rho in [0, 1] or 'auto'. Default: the recipe's.")
+TIME_DIST = typer.Option(None, "--time-dist", help="'a,b,c' Kumaraswamy warp of the time grid.")
+GAPS = typer.Option(None, help="'start,end' gaps of the time grid (each >= 0).")
+
 
 def resolve_model_and_settings(
     recipe_name: str | None, checkpoint: str | None, family: str | None, device: str,
@@ -64,23 +79,23 @@ def settings_table(settings: SamplingSettings, origin: str, extra: dict[str, obj
 
 @clean_errors
 def sample_command(
-    recipe: Optional[str] = typer.Option(None, "--from", help="Recipe name (see `ucgm recipes list`). Default: demo, unless --checkpoint stores its own settings."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint file, folder, or Hub repo id. Default: the recipe's."),
-    family: Optional[str] = typer.Option(None, "--family", help="Source family; detected from the file's contents when omitted."),
+    recipe: Optional[str] = FROM,
+    checkpoint: Optional[str] = CHECKPOINT,
+    family: Optional[str] = FAMILY,
     num_heads: Optional[int] = NUM_HEADS,
     encoder_depth: Optional[int] = ENCODER_DEPTH,
     resolution: Optional[int] = RESOLUTION,
     latent_stats: Optional[Path] = LATENT_STATS,
-    vae: Optional[str] = typer.Option(None, "--vae", help="VAE weights: file (.pt/.ckpt/.safetensors), diffusers folder or Hub repo id. Default: the VAE stored with the model, else the one its config names."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps. Default: the recipe's."),
-    order: Optional[int] = typer.Option(None, help="Solver order, 1 or 2. Default: the recipe's."),
-    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale; 1.0 = off. Default: the recipe's."),
-    cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="'lo,hi': times (model convention, 0..1) where guidance applies."),
-    cfg_channels: Optional[str] = typer.Option(None, "--cfg-channels", help="'model': the channels the family's published guidance touches (LightningDiT: the first 3); 'all': every channel. Default: the recipe's (model)."),
-    extrapolation: Optional[float] = typer.Option(None, help="Extrapolation ratio lambda (>= 0). Default: the recipe's."),
-    stochasticity: Optional[str] = typer.Option(None, help="Stochasticity rho in [0, 1] or 'auto'. Default: the recipe's."),
-    time_dist: Optional[str] = typer.Option(None, "--time-dist", help="'a,b,c' Kumaraswamy warp of the time grid."),
-    gaps: Optional[str] = typer.Option(None, help="'start,end' gaps of the time grid (each >= 0)."),
+    vae: Optional[str] = VAE,
+    steps: Optional[int] = STEPS,
+    order: Optional[int] = ORDER,
+    cfg: Optional[float] = CFG,
+    cfg_interval: Optional[str] = CFG_INTERVAL,
+    cfg_channels: Optional[str] = CFG_CHANNELS,
+    extrapolation: Optional[float] = EXTRAPOLATION,
+    stochasticity: Optional[str] = STOCHASTICITY,
+    time_dist: Optional[str] = TIME_DIST,
+    gaps: Optional[str] = GAPS,
     classes: Optional[str] = typer.Option(None, help="Comma-separated class ids, cycled over the samples. Default: all classes."),
     num: int = typer.Option(16, min=1, help="Number of samples."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Samples per batch (does not change any image)."),

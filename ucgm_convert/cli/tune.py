@@ -74,7 +74,12 @@ def tune_command(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads of torch per process "
                                           "(default: torch's choice; 1 is fastest on a busy CPU)."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes (GPUs) on this machine: relaunches under torchrun "
-                              "(DDP). Ignored when already started by torchrun."),
+                              "(DDP, or FSDP with --fsdp). Ignored when already started by torchrun."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="With several processes (--nproc N or torchrun): shard the "
+                              "student (weights, gradients, optimizer state) and the frozen teacher with FSDP2 "
+                              "instead of DDP, for models whose training state does not fit on one device. The "
+                              "EMA and the checkpoints stay full weights (gathered on rank 0; resumable with or "
+                              "without --fsdp). With one process: a no-op (a note says so)."),
 ) -> None:
     """Tune a model into a few-step generator with UCGM-T; OUT becomes a checkpoint folder that
     `ucgm sample --checkpoint OUT` samples with the recipe's few-step settings."""
@@ -91,7 +96,7 @@ def tune_command(
             weighting=weighting, teacher=teacher, batch_size=batch_size, dtype=dtype,
             grad_checkpointing=grad_checkpointing, save_every=save_every, keep_checkpoints=keep_checkpoints,
             sample_every=sample_every, num_samples=num_samples, seed=seed, resume=resume, device=device, vae=vae,
-            demo_size=demo_size, threads=threads,
+            demo_size=demo_size, threads=threads, fsdp=fsdp,
         )
         tune(config)
     except UCGMError as err:
