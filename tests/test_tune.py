@@ -309,8 +309,6 @@ def test_from_demo_uses_demo_data_by_default(tmp_path: Path) -> None:
     assert len(list((out / "samples").iterdir())) == 3
 
 
-@pytest.mark.skipif(not (REPO / "ucgm_convert" / "assets" / "demo" / "model.safetensors").is_file(),
-                    reason="embedded demo model not present yet")
 def test_embedded_demo_model_tunes(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = runner.invoke(app, ["tune", "--from", "demo", "--out", str(out), "--steps", "1", "--global-batch", "4",
