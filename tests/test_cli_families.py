@@ -258,3 +258,26 @@ def test_truncated_torch_zip_is_called_truncated(family: str, cases: dict[str, C
     cut = truncated_copy(cases[family].path, tmp_path)
     code, _, stderr = invoke("convert", str(cut), "--out", str(tmp_path / "o"))
     assert code == 2 and "truncated" in one_error_line(stderr).replace(str(cut), "FILE")
+
+
+def test_ddt_encoder_depth_comes_from_the_recipe_and_the_flag_overrides_it(cases: dict[str, Case],
+                                                                          tmp_path: Path) -> None:
+    from ucgm_convert.recipe import apply_overrides, load_recipe, recipe_text
+
+    case = cases["ddt"]
+    recipe = tmp_path / "ddt-tiny.yaml"
+    recipe.write_text(recipe_text("ddt-256").replace("encoder_depth: 22", "encoder_depth: 2"))
+    outs = {}
+    for name, extra in (("recipe", []), ("flag", ["--encoder-depth", "1"])):
+        result = runner.invoke(app, ["sample", "--from", str(recipe), "--checkpoint", str(case.path), *case.flags,
+                                     *case.vae_flags, "--steps", "2", "--cfg", "1.0", "--num", "2",
+                                     "--out", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+        with np.load(tmp_path / name / "samples.npz") as data:
+            outs[name] = data["arr_0"]
+    for name, depth in (("recipe", 2), ("flag", 1)):
+        model = uc.load(case.path, **{**case.overrides, "encoder_depth": depth})
+        vae = load_model_vae(model, path=case.vae_dir)
+        settings = apply_overrides(load_recipe(recipe).sampling, steps=2, cfg_scale=1.0)
+        expected = generate_batch(model, settings, [0, 1], range(2), 0, vae_module=vae)[1].numpy()
+        assert np.array_equal(outs[name], expected), name

@@ -493,3 +493,12 @@ def test_cli_show_unknown_name() -> None:
     assert ", ".join(NAMES) in lines[0]
     assert "Traceback" not in result.output
     assert result.stdout == ""
+
+
+def test_ddt_recipes_fix_the_published_encoder_split() -> None:
+    for name in ("ddt-256", "ddt-512"):
+        recipe = load_recipe(name)
+        assert recipe.encoder_depth == 22
+        assert recipe.load_overrides() == {"encoder_depth": 22}
+        assert recipe.load_overrides({"encoder_depth": 20}) == {"encoder_depth": 20}  # the flag wins
+    assert load_recipe("repa-e").load_overrides({"num_heads": 16}) == {"num_heads": 16}

@@ -503,6 +503,8 @@ class Recipe(_Validated):
     num_classes: int = field(metadata=_spec(ge=1))
     vae: str = field(metadata=_NONEMPTY)
     checkpoint: str | None = None
+    # DDT's encoder/decoder split, which its weights cannot show (the published 22 of 28 blocks).
+    encoder_depth: int | None = field(default=None, metadata=_spec(ge=1))
     sampling: SamplingSettings
     few_step_sampling: SamplingSettings | None = None
     tuning: TuningSettings | None = None
@@ -510,6 +512,11 @@ class Recipe(_Validated):
     paper_after: PaperResult | None = None
     paper_tuned: PaperResult | None = None
     source: str = ""
+
+    def load_overrides(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """`uc.load` overrides: what the recipe fixes (encoder_depth), then the user's `given` ones."""
+        fixed = {"encoder_depth": self.encoder_depth} if self.encoder_depth is not None else {}
+        return {**fixed, **(given or {})}
 
     def sample_kwargs(self, few_step: bool = False) -> dict[str, Any]:
         """`uc.sample` keyword arguments including transport (few_step: the tuned model's)."""

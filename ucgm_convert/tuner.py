@@ -474,7 +474,7 @@ def _preflight(config: TuneConfig, ctx: distributed.Context) -> tuple[_Run, Gene
     out = Path(config.out)
     _check_out(out, config.resume, ctx.rank)
     data = open_dataset(data_name, config.demo_size)
-    model = load(source, family=config.family, device=ctx.device, dtype=torch.float32)
+    model = load(source, family=config.family, device=ctx.device, dtype=torch.float32, **recipe.load_overrides())
     check_family(recipe, model, source)
     check_against_model(data, model.latent_shape, model.num_classes, check_spec(model.cfg.vae))
     if config.grad_checkpointing and not isinstance(getattr(model.net, "blocks", None), (nn.ModuleList, nn.Sequential)):

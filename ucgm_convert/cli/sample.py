@@ -56,7 +56,8 @@ def resolve_model_and_settings(
         torch_device = torch.device(device)
     except RuntimeError:
         raise UCGMError(f"--device: not a torch device: {device!r}") from None
-    model = load(source, family=family, device=torch_device, **(overrides or {}))
+    given = recipe.load_overrides(overrides) if recipe is not None else (overrides or {})
+    model = load(source, family=family, device=torch_device, **given)
     if recipe is not None:
         return model, recipe.sampling, f"recipe {recipe.name}"
     if model.cfg.sampling:
