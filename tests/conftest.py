@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,3 +41,19 @@ def tiny_model(seed: int = 0, sampling: dict | None = None) -> uc.GenerativeMode
 def tiny_checkpoint(tmp_path: Path) -> Path:
     """A tiny model saved in our format, with sampling defaults in config.json."""
     return uc.save_checkpoint(tiny_model(), tmp_path / "tiny")
+
+
+def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float) -> None:
+    """kill -9 `proc` as soon as `ready()` holds, and check it died of that signal (not on its own)."""
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ready():
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == -signal.SIGKILL, proc.stderr.read().decode()[-2000:] if proc.stderr else code

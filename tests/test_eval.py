@@ -15,10 +15,8 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +44,7 @@ from ucgm_convert.inception import (
 )
 from ucgm_convert.recipe import SamplingSettings
 
-from conftest import tiny_model
+from conftest import sigkill_when, tiny_model
 
 runner = CliRunner()
 NUM, CHUNK = 10, 2  # 5 chunks of 2 samples, 2 per class
@@ -239,18 +237,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_numbers(env: dict[str, Path]
     proc = subprocess.Popen([sys.executable, "-m", "ucgm_convert", *args], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     features = out / "features"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            if features.is_dir() and len(list(features.glob("chunk-*.npz"))) >= 1:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert code == -signal.SIGKILL, proc.stderr.read().decode()[-2000:] if proc.stderr else code
+    sigkill_when(proc, lambda: features.is_dir() and len(list(features.glob("chunk-*.npz"))) >= 1, timeout=300)
     survivors = {p.name: p.stat().st_mtime_ns for p in features.glob("chunk-*.npz")}
     assert 1 <= len(survivors) < NUM // CHUNK and not (out / "results.json").exists()
 

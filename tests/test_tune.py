@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,7 @@ from ucgm_convert.latent_data import batch_indices, write_latent_folder
 from ucgm_convert.recipe import load_recipe
 from ucgm_convert.tuner import TuneConfig, TuneDiverged, chunk_seed, latest_checkpoint, tune
 
-from conftest import tiny_model
+from conftest import sigkill_when, tiny_model
 
 runner = CliRunner()
 N = 48  # dataset size
@@ -167,19 +165,11 @@ def test_kill_9_then_resume_equals_uninterrupted_run(setup: dict[str, Path]) -> 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
     proc = subprocess.Popen([sys.executable, "-m", "ucgm_convert", *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            ckpt = latest_checkpoint(killed)
-            if ckpt is not None and int(ckpt.name[5:]) >= 4:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.01)
-        code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert code == -signal.SIGKILL, proc.stderr.read().decode()[-2000:] if proc.stderr else code
+    def at_step_4() -> bool:
+        ckpt = latest_checkpoint(killed)
+        return ckpt is not None and int(ckpt.name[5:]) >= 4
+
+    sigkill_when(proc, at_step_4, timeout=120)
     killed_at = int(latest_checkpoint(killed).name[5:])
     assert 4 <= killed_at < steps and not (killed / "model.safetensors").exists()
 
