@@ -1,38 +1,45 @@
-"""Source-family adapters (installed as ucgm_convert.adapters).
+"""Source-family adapters (installed as ucgm_convert.adapters): one module per family.
 
-Each adapter module has NAME, `detect(path) -> bool` (from the file's contents, never its
-name alone) and `load(path, device, dtype, **overrides) -> GenerativeModel`.
+Each module declares `FAMILY`, a `Family` (adapters/family.py): `detect(path) -> bool` from the
+file's contents (never its name alone), `load(path, device, dtype, **overrides) -> GenerativeModel`,
+and the facts the rest of the package needs (licence, dataset, VAE spec, default recipe, ...).
+Adding a family is one module here plus its entry in FAMILIES; detection tries them in order.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
 
 from ucgm_convert.errors import UCGMError
-from ucgm_convert.readers import is_damaged_zip
+from ucgm_convert.formats.torch_files import is_damaged_zip
 
-from . import ddt
-from . import edm2
-from . import lightningdit
-from . import repa_e
-from . import ucgm
+from . import ddt, edm2, lightningdit, repa_e, ucgm
+from .family import IMAGENET, UNKNOWN_LICENSE, Family, License
 
-ADAPTERS: dict[str, ModuleType] = {ucgm.NAME: ucgm, edm2.NAME: edm2, ddt.NAME: ddt, lightningdit.NAME: lightningdit, repa_e.NAME: repa_e}
+__all__ = ["FAMILIES", "IMAGENET", "UNKNOWN_LICENSE", "Family", "License", "detect_family", "family_names",
+           "get_family"]
 
-
-def get_adapter(family: str) -> ModuleType:
-    """The adapter for `family`; an unknown name lists the known ones."""
-    if family not in ADAPTERS:
-        raise UCGMError(f"unknown family {family!r}; known families: {', '.join(ADAPTERS)}")
-    return ADAPTERS[family]
+# Detection order: our own format first, then the families whose files are the most specific.
+FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (ucgm, edm2, ddt, lightningdit, repa_e)}
 
 
-def detect_family(path: Path) -> str:
+def family_names() -> tuple[str, ...]:
+    """The known family names, in detection order."""
+    return tuple(FAMILIES)
+
+
+def get_family(name: str) -> Family:
+    """The family called `name`; an unknown name lists the known ones."""
+    if name not in FAMILIES:
+        raise UCGMError(f"unknown family {name!r}; known families: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def detect_family(path: Path) -> Family:
     """The family whose adapter recognises `path`'s contents."""
     if path.is_file() and is_damaged_zip(path):
         raise UCGMError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?)")
-    for name, adapter in ADAPTERS.items():
-        if adapter.detect(path):
-            return name
-    raise UCGMError(f"{path}: not a checkpoint of any known family ({', '.join(ADAPTERS)})")
+    for family in FAMILIES.values():
+        if family.detect(path):
+            return family
+    raise UCGMError(f"{path}: not a checkpoint of any known family ({', '.join(FAMILIES)})")

@@ -18,12 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ucgm_convert.adapters.family import IMAGENET, Family, License
 from ucgm_convert.adapters.common import (block_count, checkpoint_to_load, dit_config, find_checkpoint,
                                           frozen_model, given_overrides, meta_network)
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.model import GenerativeModel
 from ucgm_convert.nets.ddt import DDT
-from ucgm_convert.readers import is_torch_zip, read_torch, strip_prefix
+from ucgm_convert.formats.torch_files import is_torch_zip, read_torch, strip_prefix
 
 NAME = "ddt"
 ARCH = "ddt"
@@ -156,3 +157,22 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
     vae = dict(SD_VAE) if arch["in_channels"] == DEFAULT_CHANNELS else {"name": "identity"}
     config = dit_config(NAME, ARCH, arch, "ReLinear", side, vae, RECIPES.get(resolution))
     return frozen_model(net, config, device, dtype)
+
+
+FAMILY = Family(
+    name=NAME,
+    title="DDT",
+    detect=detect,
+    load=load,
+    license=License(
+        "other",
+        "The DDT repository (MCG-NJU/DDT @1d1b4d2) declares no license; the terms of the source weights are "
+        "those of their original release. Check them before reuse, and pass --license to record them.",
+        name="upstream-unspecified",
+        link="https://github.com/MCG-NJU/DDT",
+    ),
+    dataset=IMAGENET,
+    default_recipe=RECIPES[DEFAULT_RESOLUTION],
+    overrides=ACCEPTED_OVERRIDES,
+    vae_defaults={k: v for k, v in SD_VAE.items() if k != "source"},
+)

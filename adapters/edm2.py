@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ucgm_convert.adapters.family import IMAGENET, Family, License
 from ucgm_convert.adapters.common import frozen_model, given_overrides, meta_network
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.model import GenerativeModel, ModelConfig
 from ucgm_convert.nets.edm2 import EDM2UNet
-from ucgm_convert.safe_pickle import PersistentRecord, clear_pickle_cache, module_tensors, read_pickle
+from ucgm_convert.formats.safe_pickle import PersistentRecord, clear_pickle_cache, module_tensors, read_pickle
 
 NAME = "edm2"
 ARCH = "edm2-unet"
@@ -232,3 +233,20 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
         recipe=RECIPES.get(arch["model_channels"], DEFAULT_RECIPE),
     )
     return frozen_model(net, config, device, None)  # weights already cast to `dtype`
+
+
+FAMILY = Family(
+    name=NAME,
+    title="EDM2",
+    detect=detect,
+    load=load,
+    license=License(
+        "cc-by-nc-sa-4.0",
+        "EDM2 weights (NVlabs/edm2, LICENSE.txt @4bf8162) are CC BY-NC-SA 4.0: weights derived from them "
+        "stay non-commercial and share-alike under the same license.",
+    ),
+    dataset=IMAGENET,
+    default_recipe=DEFAULT_RECIPE,
+    overrides=ACCEPTED_OVERRIDES,
+    vae_defaults={k: v for k, v in vae_spec(None, 4).items() if k != "source"},
+)

@@ -21,13 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ucgm_convert.adapters.family import IMAGENET, Family, License
 from ucgm_convert.adapters.common import (channel_stats, checkpoint_to_load, dit_config, dit_geometry,
                                           find_checkpoint, frozen_model, given_overrides, label_classes, meta_network,
                                           require_keys, shape_error, size_table_heads)
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.model import GenerativeModel
 from ucgm_convert.nets.lightningdit import LightningDiT
-from ucgm_convert.readers import is_torch_zip, read_torch, tensor_dict
+from ucgm_convert.formats.torch_files import is_torch_zip, read_torch, tensor_dict
 
 NAME = "lightningdit"
 ARCH = "lightningdit"
@@ -181,3 +182,18 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
     config = dit_config(NAME, ARCH, kwargs, "ReLinear", side, vae, "lightningdit",
                         guidance_channels=GUIDED_CHANNELS if channels > GUIDED_CHANNELS else None)
     return frozen_model(net, config, device, dtype)
+
+
+FAMILY = Family(
+    name=NAME,
+    title="LightningDiT",
+    detect=detect,
+    load=load,
+    license=License("mit", "LightningDiT (hustvl/LightningDiT, LICENSE @2725fed) is released under the MIT license."),
+    dataset=IMAGENET,
+    default_recipe="lightningdit",
+    overrides=OVERRIDES,
+    vae_defaults={"name": "ldm-f16d32", "pixel_range": "-1,1"},
+    latent_stats_in_checkpoint=True,
+    guidance_channels=GUIDED_CHANNELS,
+)

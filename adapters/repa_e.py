@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ucgm_convert.adapters.family import IMAGENET, Family, License
 from ucgm_convert.adapters.common import (channel_stats, dit_config, dit_geometry, frozen_model, given_overrides,
                                           label_classes, meta_network, require_keys, shape_error, size_table_heads)
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.model import GenerativeModel
 from ucgm_convert.nets.sit import SiT
-from ucgm_convert.readers import read_torch, tensor_dict
+from ucgm_convert.formats.torch_files import read_torch, tensor_dict
 from ucgm_convert.vae import vae_only
 
 NAME = "repa-e"
@@ -215,3 +216,17 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
     if _end_to_end(obj):
         model.vae_state = vae_only(tensor_dict(obj, str(path), "vae"), f"{path} ['vae']")
     return model
+
+
+FAMILY = Family(
+    name=NAME,
+    title="REPA-E",
+    detect=detect,
+    load=load,
+    license=License("mit", "REPA-E (End2End-Diffusion/REPA-E, LICENSE @3ad8046) is released under the MIT license."),
+    dataset=IMAGENET,
+    default_recipe="repa-e",
+    overrides=OVERRIDES,
+    vae_defaults={"name": "ldm-f16d32", "pixel_range": "-1,1"},
+    latent_stats_in_checkpoint=True,
+)

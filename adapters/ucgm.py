@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ucgm_convert.adapters.family import Family, License
 from ucgm_convert.checkpoint import CONFIG_NAME, WEIGHTS_NAME, is_checkpoint_dir, load_checkpoint
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.model import GenerativeModel
@@ -36,3 +37,14 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
         raise UCGMError(f"{path}: a ucgm-convert checkpoint stores its architecture; "
                         f"overrides {', '.join(sorted(overrides))} do not apply")
     return load_checkpoint(_folder(path), device=device, dtype=dtype)
+
+
+FAMILY = Family(
+    name=NAME,
+    title="ucgm-convert",
+    detect=detect,
+    load=load,
+    license=License("apache-2.0", "A model of this project (ucgm-convert), released under Apache-2.0."),
+    default_recipe="demo",
+    vae_defaults={"name": "sd-vae", "pixel_range": "-1,1"},
+)

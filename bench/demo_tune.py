@@ -25,9 +25,10 @@ import torch
 
 import ucgm_convert as uc
 from ucgm_convert.demo_data import make_shapes
-from ucgm_convert.fid import FeatureStats, frechet_distance
-from ucgm_convert.generate import balanced_labels, batches, generate_batch
-from ucgm_convert.recipe import SamplingSettings, load_recipe
+from ucgm_convert.generation import balanced_labels, batches, generate_batch
+from ucgm_convert.metrics.fid import FeatureStats, frechet_distance
+from ucgm_convert.recipe import load_recipe
+from ucgm_convert.settings import SamplingSettings
 from ucgm_convert.vae import decode, to_uint8
 
 REFERENCE_SEED = 12345  # the demo model trains on other seeds' images
@@ -75,7 +76,7 @@ def main() -> None:
 
     recipe = load_recipe("demo")
     base, tuned = uc.load("embedded:demo"), uc.load(args.out)
-    multi = SamplingSettings(**base.cfg.sampling)
+    multi = base.cfg.sampling
     rows = [
         ("base", f"UCGM-S, {multi.steps} steps (multi-step setting)", base, multi),
         ("base", "UCGM-S, 2 steps (deterministic)", base, SamplingSettings(steps=2)),

@@ -204,8 +204,8 @@ def write_checkpoint(
     recipe = yaml.safe_dump({"recipe": "demo", "script": "scripts/train_demo.py",
                              "command": reproduce_command(settings),
                              "train": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
-                             "sampling": dict(model.cfg.sampling)}, sort_keys=False)
-    card = model_card(settings, params, final_loss, seconds, model.cfg.sampling)
+                             "sampling": model.cfg.sampling.to_dict()}, sort_keys=False)
+    card = model_card(settings, params, final_loss, seconds, model.cfg.sampling.to_dict())
     return uc.save_checkpoint(model, out, recipe_yaml=recipe, card=card)
 
 

@@ -113,7 +113,7 @@ def test_config_and_conventions(model):
     assert model.num_classes == 10 and model.null_class == 10
     assert model.guidance_channels is None
     assert model.latent_shape == (4, 32, 32) and model.recipe == "ddt-256"
-    assert model.cfg.vae == {"name": "sd-vae", "source": "stabilityai/sd-vae-ft-ema", "latent_mean": 0.0,
+    assert model.cfg.vae.to_dict() == {"norm_groups": 32, "name": "sd-vae", "source": "stabilityai/sd-vae-ft-ema", "latent_mean": 0.0,
                              "latent_std": pytest.approx(1 / 0.18215), "pixel_range": "-1,1"}
     assert all(not p.requires_grad for p in model.parameters())
 
@@ -172,7 +172,7 @@ def test_second_size_inferred(tmp_path):
 def test_detected_from_contents_when_renamed(tmp_path):
     renamed = tmp_path / "weights.bin"
     shutil.copy(CKPT, renamed)
-    assert detect_family(renamed) == "ddt"
+    assert detect_family(renamed).name == "ddt"
     assert uc.load(renamed).family == "ddt"
     assert uc.load(renamed, family="ddt").family == "ddt"
 
@@ -181,7 +181,7 @@ def test_folder_with_one_checkpoint(tmp_path, expected):
     """A Hub snapshot is a folder: its one DDT checkpoint is found by contents, not by name."""
     shutil.copy(CKPT, tmp_path / "model.ckpt")
     (tmp_path / "README.md").write_text("DDT")
-    assert detect_family(tmp_path) == "ddt"
+    assert detect_family(tmp_path).name == "ddt"
     torch.testing.assert_close(_forward(uc.load(tmp_path), expected, "8x8"), expected["out_8x8"], **TOL)
     shutil.copy(CKPT, tmp_path / "other.pt")
     with pytest.raises(UCGMError, match="several DDT checkpoints"):

@@ -146,7 +146,7 @@ def test_architecture_and_config_inferred_for_two_sizes(cond, uncond) -> None:
 
 
 def test_vae_spec_from_pickled_encoder(cond, uncond) -> None:
-    assert cond.config["vae"] == {"name": "sd-vae", "source": "stabilityai/sd-vae-ft-mse",
+    assert cond.config["vae"] == {"norm_groups": 32, "name": "sd-vae", "source": "stabilityai/sd-vae-ft-mse",
                                   "latent_mean": [5.81, 3.25, 0.12, -2.15],
                                   "latent_std": [4.17 / 0.5, 4.62 / 0.5, 3.71 / 0.5, 3.28 / 0.5], "pixel_range": "0,1"}
     assert uncond.config["vae"]["latent_mean"] == [1.0, -2.0, 0.5, 0.25]
@@ -194,7 +194,7 @@ def test_snapshot_reader_exposes_state_and_init_kwargs() -> None:
 def test_detection_from_contents(tmp_path: Path) -> None:
     renamed = tmp_path / "weights.bin"
     shutil.copy(COND, renamed)
-    assert detect_family(renamed) == "edm2"
+    assert detect_family(renamed).name == "edm2"
     assert uc.load(renamed, family="edm2").num_classes == 10
     other = tmp_path / "state.pkl"
     torch.save({"w": torch.ones(2)}, other)

@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file
 
 import ucgm_convert as uc
-from ucgm_convert.adapters import detect_family, get_adapter
+from ucgm_convert.adapters import detect_family, get_family
 from ucgm_convert.nets.lightningdit import LightningDiT
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lightningdit"
@@ -186,18 +186,18 @@ def test_latent_statistics(tmp_path: Path) -> None:
     path = write_checkpoint("full", tmp_path / "ckpt.pt")
     with pytest.warns(UserWarning, match="latent statistics"):
         model = uc.load(path)
-    assert model.cfg.vae == {"name": "ldm-f16d32", "source": None, "latent_mean": 0.0, "latent_std": 1.0,
+    assert model.cfg.vae.to_dict() == {"norm_groups": 32, "name": "ldm-f16d32", "source": None, "latent_mean": 0.0, "latent_std": 1.0,
                              "pixel_range": "-1,1"}
     mean, std = torch.linspace(-1, 1, 6).view(1, 6, 1, 1), torch.linspace(0.5, 2, 6).view(1, 6, 1, 1)
     torch.save({"mean": mean, "std": std}, tmp_path / "latents_stats.pt")  # found next to the checkpoint
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        vae = uc.load(path).cfg.vae
+        vae = uc.load(path).cfg.vae.to_dict()
     assert vae["latent_mean"] == pytest.approx(mean.flatten().tolist())
     assert vae["latent_std"] == pytest.approx(std.flatten().tolist())
     other = tmp_path / "elsewhere.pt"
     torch.save({"mean": mean * 0 + 3, "std": std}, other)
-    assert uc.load(path, latent_stats=other).cfg.vae["latent_mean"] == [3.0] * 6
+    assert uc.load(path, latent_stats=other).cfg.vae.latent_mean == [3.0] * 6
     torch.save({"mean": torch.zeros(1, 32, 1, 1), "std": torch.ones(1, 32, 1, 1)}, other)
     with pytest.raises(uc.UCGMError, match="elsewhere.pt.*6 values"):
         uc.load(path, latent_stats=other)
@@ -211,7 +211,7 @@ def test_hub_style_folder(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     torch.save({"mean": torch.full((1, 6, 1, 1), 0.5), "std": torch.full((1, 6, 1, 1), 2.0)},
                folder / "latents_stats.pt")
     model = uc.load(folder)
-    assert model.family == "lightningdit" and model.cfg.vae["latent_std"] == [2.0] * 6
+    assert model.family == "lightningdit" and model.cfg.vae.latent_std == [2.0] * 6
     (folder / "copy.pt").write_bytes(checkpoints["qknorm"].read_bytes())
     with pytest.raises(uc.UCGMError, match="several LightningDiT checkpoints"):
         uc.load(folder, family="lightningdit")
@@ -221,15 +221,15 @@ def test_detection_and_family_override(checkpoints: dict[str, Path], tmp_path: P
     renamed = tmp_path / "weights.bin"
     renamed.write_bytes(checkpoints["full"].read_bytes())
     for name in VARIANTS:
-        assert detect_family(checkpoints[name]) == "lightningdit", name
-    assert detect_family(renamed) == "lightningdit"
+        assert detect_family(checkpoints[name]).name == "lightningdit", name
+    assert detect_family(renamed).name == "lightningdit"
     assert load_quiet(renamed, family="lightningdit").family == "lightningdit"
     with pytest.raises(uc.UCGMError, match="does not look like a 'ddt'"):
         uc.load(renamed, family="ddt")
     # the plain layout without train.py's config is a SiT/DiT state dict, not recognisably LightningDiT
     bare_plain = tmp_path / "plain.pt"
     torch.save(upstream_state("plain"), bare_plain)
-    assert not get_adapter("lightningdit").detect(bare_plain)
+    assert not get_family("lightningdit").detect(bare_plain)
 
 
 def test_overrides(checkpoints: dict[str, Path]) -> None:
@@ -267,7 +267,7 @@ def test_truncated_file(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(uc.UCGMError, match=r"cut.pt: .*truncated or corrupted"):
         uc.load(cut, family="lightningdit")
     with pytest.raises(uc.UCGMError, match=r"cut.pt: not a readable PyTorch checkpoint \(truncated or corrupted\?\)"):
-        get_adapter("lightningdit").load(cut)
+        get_family("lightningdit").load(cut)
 
 
 def test_guided_sampling_runs(models: dict[str, uc.GenerativeModel]) -> None:

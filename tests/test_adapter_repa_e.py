@@ -43,7 +43,7 @@ import torch
 from typer.testing import CliRunner
 
 import ucgm_convert as uc
-from ucgm_convert.adapters import detect_family, get_adapter
+from ucgm_convert.adapters import detect_family, get_family, repa_e
 from ucgm_convert.cli import app
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.vae import decode, load_vae
@@ -117,7 +117,7 @@ def test_e2e_vae_and_statistics_decode_as_generate_py(models: dict[str, uc.Gener
     model, fx, ckpt = models["e2e"], expected("e2e"), read(FIXTURES / "e2e.pt")
     assert model.vae_state is not None and model.vae_state.keys() == ckpt["vae"].keys()
     assert all(torch.equal(model.vae_state[k], v) for k, v in ckpt["vae"].items())
-    spec = model.cfg.vae
+    spec = model.cfg.vae.to_dict()
     assert spec["name"] == "sd-vae" and spec["source"] is None and spec["pixel_range"] == "-1,1"
     assert spec["latent_mean"] == pytest.approx(ckpt["ema"]["bn.running_mean"].tolist(), rel=1e-12)
     assert spec["latent_std"] == pytest.approx(ckpt["ema"]["bn.running_var"].double().sqrt().tolist(), rel=1e-12)
@@ -127,7 +127,7 @@ def test_e2e_vae_and_statistics_decode_as_generate_py(models: dict[str, uc.Gener
 
 
 def test_ldm_only_statistics_from_the_stats_file(models: dict[str, uc.GenerativeModel]) -> None:
-    spec, stats = models["ldm"].cfg.vae, read(STATS)
+    spec, stats = models["ldm"].cfg.vae.to_dict(), read(STATS)
     assert models["ldm"].vae_state is None
     assert spec["name"] == "ldm-f16d32" and spec["source"] is None
     assert spec["latent_mean"] == pytest.approx(stats["latents_bias"].flatten().tolist(), rel=1e-12)
@@ -140,18 +140,18 @@ def test_ldm_only_without_stats_file_warns_and_override_wins(tmp_path: Path) -> 
     with pytest.warns(UserWarning, match="latent_stats"):
         fallback = uc.load(path)
     ema = read(path)["ema"]
-    assert fallback.cfg.vae["latent_mean"] == pytest.approx(ema["bn.running_mean"].tolist(), rel=1e-12)
+    assert fallback.cfg.vae.latent_mean == pytest.approx(ema["bn.running_mean"].tolist(), rel=1e-12)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         given = uc.load(path, latent_stats=str(STATS))
-    assert given.cfg.vae["latent_std"] == pytest.approx(
+    assert given.cfg.vae.latent_std == pytest.approx(
         (1 / read(STATS)["latents_scale"].double()).flatten().tolist(), rel=1e-12)
 
 
 def test_bare_ema_state_dict(tmp_path: Path) -> None:
     path = tmp_path / "ema.pt"
     torch.save(read(FIXTURES / "e2e.pt")["ema"], path)
-    assert detect_family(path) == "repa-e"
+    assert detect_family(path).name == "repa-e"
     with pytest.warns(UserWarning, match="bn running statistics"):
         model = uc.load(path, **E2E_HEADS)
     fx = expected("e2e")
@@ -162,12 +162,12 @@ def test_bare_ema_state_dict(tmp_path: Path) -> None:
 def test_detection_from_contents_and_family_override(tmp_path: Path) -> None:
     renamed = tmp_path / "weights.bin"
     shutil.copy(FIXTURES / "e2e.pt", renamed)
-    assert detect_family(renamed) == "repa-e"
-    assert detect_family(FIXTURES / "ldm.pt") == "repa-e"
+    assert detect_family(renamed).name == "repa-e"
+    assert detect_family(FIXTURES / "ldm.pt").name == "repa-e"
     assert uc.load(renamed, family="repa-e", **E2E_HEADS).family == "repa-e"
     with pytest.raises(UCGMError, match="lightningdit"):
         uc.load(renamed, family="lightningdit")
-    adapter = get_adapter("repa-e")
+    adapter = get_family("repa-e")
     assert not adapter.detect(STATS)
     for other in (Path(__file__).parent / "fixtures" / "ddt" / "ddt_tiny_lightning.ckpt",
                   Path(__file__).parent / "fixtures" / "edm2" / "tiny-cond.pkl"):
@@ -191,7 +191,7 @@ def test_unknown_and_missing_keys_are_named(tmp_path: Path) -> None:
     with pytest.raises(UCGMError, match="does not look like a 'repa-e'"):
         uc.load(path, family="repa-e", **E2E_HEADS)
     with pytest.raises(UCGMError, match="missing keys: y_embedder.embedding_table.weight"):
-        get_adapter("repa-e").load(path, **E2E_HEADS)
+        get_family("repa-e").load(path, **E2E_HEADS)
 
 
 def test_truncated_file_and_unknown_override(tmp_path: Path) -> None:
@@ -212,7 +212,7 @@ def test_heads_from_args_override_and_size_table(tmp_path: Path) -> None:
         ckpt["args"].model = "SiT-B/2"
     with pytest.raises(UCGMError, match=r"args.model is 'SiT-B/2' \(hidden 768, patch 2\)"):
         uc.load(rewrite("e2e", tmp_path, named_b2), **E2E_HEADS)
-    heads = get_adapter("repa-e")._num_heads
+    heads = repa_e._num_heads
     assert heads(Path("x"), 1152, 1, "SiT-XL/1", None) == 16
     assert heads(Path("x"), 768, 2, "SiT-B/2", None) == 12
     assert heads(Path("x"), 1152, 2, None, None) == 16

@@ -28,11 +28,11 @@ from typer.testing import CliRunner
 
 import ucgm_convert as uc
 from ucgm_convert.cli import app
-from ucgm_convert.generate import balanced_labels, generate_batch
+from ucgm_convert.generation import balanced_labels, generate_batch
 from ucgm_convert.images import grid_image
 from ucgm_convert.nets.ldm_vae import ldm_to_diffusers
-from ucgm_convert.recipe import SamplingSettings
-from ucgm_convert.vae import load_model_vae
+from ucgm_convert.recipe import load_recipe
+from ucgm_convert.settings import SamplingSettings
 
 from conftest import tiny_model
 from test_adapter_lightningdit import write_checkpoint as write_lightningdit
@@ -130,7 +130,8 @@ def check_sample_output(out: Path, model: uc.GenerativeModel, vae: torch.nn.Modu
     assert images.shape == (NUM, side, side, 3) and images.dtype == np.uint8
     assert labels.tolist() == balanced_labels(NUM, range(model.num_classes))
     assert all(len(np.unique(img)) > 8 for img in images)  # not constant: real decoded pictures
-    settings = SamplingSettings(**{**model.cfg.sampling, "steps": STEPS})
+    base = model.cfg.sampling or (load_recipe(model.recipe).sampling if model.recipe else None)  # else its recipe's
+    settings = base.replace(steps=STEPS) if base is not None else SamplingSettings(steps=STEPS)
     _, expected = generate_batch(model, settings, labels.tolist(), range(NUM), SEED, vae_module=vae)
     assert np.array_equal(images, expected.numpy())
     assert np.array_equal(np.asarray(Image.open(out / "grid.png").convert("RGB")), np.asarray(grid_image(images)))
@@ -147,7 +148,7 @@ def test_sample_writes_decoded_images(family: str, cases: dict[str, Case], tmp_p
                                  "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     model = uc.load(case.path, **case.overrides)
-    vae = load_model_vae(model, path=case.vae_dir)
+    vae = model.load_vae(case.vae_dir)
     check_sample_output(tmp_path / "out", model, vae, factor=1 if case.vae_dir is None else 2)
 
 
@@ -184,7 +185,7 @@ def test_repa_e_in_file_vae_through_sample_and_convert(tmp_path: Path) -> None:
         assert result.exit_code == 0, result.output
         model = uc.load(source, **({"num_heads": 2} if flags else {}))
         assert model.vae_state is not None
-        check_sample_output(out, model, load_model_vae(model), factor=2)
+        check_sample_output(out, model, model.load_vae(), factor=2)
 
 
 def test_tiny_in_file_vae_with_4_groups_fails_cleanly(cases: dict[str, Case], tmp_path: Path) -> None:
@@ -277,7 +278,7 @@ def test_ddt_encoder_depth_comes_from_the_recipe_and_the_flag_overrides_it(cases
             outs[name] = data["arr_0"]
     for name, depth in (("recipe", 2), ("flag", 1)):
         model = uc.load(case.path, **{**case.overrides, "encoder_depth": depth})
-        vae = load_model_vae(model, path=case.vae_dir)
+        vae = model.load_vae(case.vae_dir)
         settings = apply_overrides(load_recipe(recipe).sampling, steps=2, cfg_scale=1.0)
         expected = generate_batch(model, settings, [0, 1], range(2), 0, vae_module=vae)[1].numpy()
         assert np.array_equal(outs[name], expected), name

@@ -99,9 +99,9 @@ def test_low_precision_autocast_runs(tiny_checkpoint: Path, tmp_path: Path) -> N
         (["--steps", "0"], "--steps: expected"),
         (["--stochasticity", "1.5"], "--stochasticity: expected"),
         (["--stochasticity", "lots"], "--stochasticity: expected a number in \\[0, 1\\] or 'auto'"),
-        (["--cfg", "0"], "--cfg: expected a number > 0"),
+        (["--cfg", "0"], "--cfg-scale: expected a number > 0"),
         (["--classes", "9"], "--classes: class ids must be in \\[0, 4\\]"),
-        (["--dtype", "float8"], "--dtype: expected one of float32, bfloat16, float16"),
+        (["--dtype", "float8"], "--dtype: expected one of 'float32', 'bfloat16', 'float16'"),
         (["--device", "toaster"], "--device: not a torch device"),
     ],
 )
@@ -135,7 +135,7 @@ def test_cfg_channels_follows_the_model_policy_unless_all(tmp_path: Path) -> Non
     from conftest import tiny_model
 
     model = tiny_model()
-    model.cfg.guidance_channels = 1  # as LightningDiT declares 3: guidance touches the first channel only
+    model.cfg = model.cfg.replace(guidance_channels=1)  # as LightningDiT declares 3: guidance touches the first channel only
     path = uc.save_checkpoint(model, tmp_path / "ck")
     outs = {}
     for policy in ("model", "all"):

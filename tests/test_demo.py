@@ -127,7 +127,7 @@ def test_embedded_demo_samples_are_class_correct(classifier: Tensor) -> None:
 def test_class_check_fails_for_an_untrained_model(classifier: Tensor, dit_init: bool) -> None:
     """Negative control: the accuracy check above must not pass for a freshly built model."""
     torch.manual_seed(0)
-    fresh = uc.GenerativeModel.build(uc.ModelConfig.from_dict(uc.load("embedded:demo").config))
+    fresh = uc.GenerativeModel.build(uc.ModelConfig(**uc.load("embedded:demo").config))
     if dit_init:
         fresh.net.initialize_weights()
     assert _accuracy(fresh.eval(), classifier, per_class=3) < 0.5

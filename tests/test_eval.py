@@ -27,22 +27,22 @@ from typer.testing import CliRunner
 
 import ucgm_convert as uc
 from ucgm_convert.cli import app
-from ucgm_convert.evaluate import chunk_ranges, class_labels
-from ucgm_convert.fid import (
+from ucgm_convert.jobs.evaluate.chunks import chunk_ranges, class_labels
+from ucgm_convert.metrics.fid import (
     frechet_distance,
     inception_score,
     load_reference,
     save_reference,
     sha256_file,
 )
-from ucgm_convert.generate import generate_batch
-from ucgm_convert.inception import (
+from ucgm_convert.generation import generate_batch
+from ucgm_convert.metrics.inception import (
     WEIGHTS_FILENAME,
     build_network,
     cache_path,
     load_inception,
 )
-from ucgm_convert.recipe import SamplingSettings
+from ucgm_convert.settings import SamplingSettings
 
 from conftest import sigkill_when, tiny_model
 
@@ -157,7 +157,7 @@ def test_samples_are_the_seeded_samples_and_features_are_their_inception_feature
         arr, labels = data["arr_0"], data["arr_1"]
     assert arr.shape == (NUM, 8, 8, 3) and arr.dtype == np.uint8 and labels.tolist() == [i % 5 for i in range(NUM)]
     model = uc.load(env["ckpt"])
-    settings = SamplingSettings(**{**model.cfg.sampling, "steps": 2})
+    settings = model.cfg.sampling.replace(steps=2)
     _, want = generate_batch(model, settings, labels.tolist(), range(NUM), seed=7)
     assert np.array_equal(arr, want.numpy())
     for i in (0, 9):

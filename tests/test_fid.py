@@ -15,7 +15,7 @@ from torch_fidelity.metric_fid import (
 from torch_fidelity.metric_isc import isc_features_to_metric
 
 from ucgm_convert.errors import UCGMError
-from ucgm_convert.fid import (
+from ucgm_convert.metrics.fid import (
     FeatureStats,
     frechet_distance,
     inception_score,

@@ -78,6 +78,7 @@ def folder(tmp_path: Path) -> Path:
 
 def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     result = runner.invoke(app, list(args), env=env)
+
     return result.exit_code, result.output
 
 
@@ -107,9 +108,10 @@ def test_push_uploads_folder_in_one_commit_with_card(hub: FakeHub, folder: Path)
     card = ModelCard.load("alice/sit-ucgm")  # downloaded back through the fake Hub
     data = card.data
     assert data.license == "mit" and data.library_name == "ucgm-convert"
-    assert data.pipeline_tag == "unconditional-image-generation"
+    assert data.pipeline_tag is None  # class-conditional: the Hub has no such task, and unconditional would be wrong
+    assert {r.task_type for r in data.eval_results} == {"class-conditional-image-generation"}
     assert data.base_model == "REPA-E/sit-repae-vavae" and data.datasets == ["ILSVRC/imagenet-1k"]
-    assert {"diffusion", "flow-matching", "few-step", "ucgm", "repa-e", "imagenet"} <= set(data.tags)
+    assert {"diffusion", "flow-matching", "few-step", "ucgm", "class-conditional", "repa-e", "imagenet"} <= set(data.tags)
     fids = {r.metric_config: r.metric_value for r in data.eval_results if r.metric_type == "fid"}
     assert fids == {"nfe=2": 1.42, "nfe=8": 2.11}
     assert [r.metric_value for r in data.eval_results if r.metric_type == "inception_score"] == [296.5]
@@ -331,7 +333,7 @@ def eval_results(fid: float, sha: str, nfe: str, steps: int) -> dict:
 
 
 def test_eval_results_schema_extra_files_and_weight_check(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from ucgm_convert.evaluate import state_sha256
+    from ucgm_convert.formats.statedict import state_sha256
 
     model = uc.load_checkpoint(tiny_checkpoint)
     sha = state_sha256(model, model.vae_state)

@@ -20,18 +20,25 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import ucgm_convert.prepare_data as pd
+import ucgm_convert.jobs.prepare.job as pd
 from ucgm_convert.cli import app
 from ucgm_convert.errors import UCGMError
-from ucgm_convert.latent_data import LatentFolder
-from ucgm_convert.prepare_data import center_crop_arr, list_images, load_image, prepare_data
+from ucgm_convert.formats.latent_folder import LatentFolder
+from ucgm_convert.jobs import prepare
+from ucgm_convert.jobs.prepare.images import center_crop_arr, list_images, load_image, to_pixel_range
+from ucgm_convert.jobs.source import ArchOverrides, ModelSource
+from ucgm_convert.settings import VaeSpec
 
 SIZES = [(40, 30), (17, 33), (64, 64), (100, 20), (16, 16)]  # (width, height)
 CLASSES = ["cat", "dog", "fish"]
 
 
-def quiet(_message: str) -> None:
-    pass
+def prepare_data(images: Path, out: Path, *, vae: str | None = None, recipe: str | None = None,
+                 checkpoint: str | None = None, resolution: int | None = None, **flags: object) -> prepare.PrepareResult:
+    """`prepare.run` with the flags as keywords (model-source and resolution flags in their groups)."""
+    source = ModelSource(vae=vae, recipe=recipe, checkpoint=checkpoint)
+    return prepare.run(prepare.PrepareConfig(images=images, out=out, source=source,
+                                             arch=ArchOverrides(resolution=resolution), **flags))
 
 
 def make_tree(root: Path) -> Path:
@@ -90,7 +97,7 @@ def expected_pixels(tree: Path, res: int) -> tuple[list[str], torch.Tensor, torc
                 files.append(f"{name}/{p.name}")
                 labels.append(c)
     arrs = np.stack([load_image(tree / f, res) for f in files])
-    return files, pd.to_pixel_range(arrs, "-1,1"), torch.tensor(labels)
+    return files, to_pixel_range(arrs, "-1,1"), torch.tensor(labels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,8 +122,7 @@ def test_center_crop_by_hand(tree: Path) -> None:
 def test_identity_tree(tree: Path, tmp_path: Path) -> None:
     """Pixel-space ("identity") latents: order, labels, flips, skipped files, meta.json, LatentFolder."""
     out = tmp_path / "out"
-    result = prepare_data(tree, out, vae="identity", resolution=8, flip=True, shard_size=4, batch_size=3,
-                          progress=False, log=quiet)
+    result = prepare_data(tree, out, vae="identity", resolution=8, flip=True, shard_size=4, batch_size=3)
     files, pixels, labels = expected_pixels(tree, 8)
     latents, got_labels = all_rows(out)
     assert len(files) == 15 and latents.shape == (30, 3, 8, 8) and latents.dtype == torch.float32
@@ -145,7 +151,7 @@ def test_identity_tree(tree: Path, tmp_path: Path) -> None:
     assert data.num_samples == 30 and data.latent_shape == (3, 8, 8) and data.num_classes == 3
     rows, rows_labels = data.get(torch.tensor([0, 9, 29]))
     torch.testing.assert_close(rows, latents[[0, 9, 29]], atol=0, rtol=0)
-    data.check_statistics({"name": "identity", "latent_mean": 0.0, "latent_std": 1.0})
+    data.check_statistics(VaeSpec(name="identity", latent_mean=0.0, latent_std=1.0))
 
 
 def test_tiny_vae_folder(tree: Path, tiny_vae: Path, tmp_path: Path) -> None:
@@ -153,7 +159,7 @@ def test_tiny_vae_folder(tree: Path, tiny_vae: Path, tmp_path: Path) -> None:
     from diffusers import AutoencoderKL
 
     out = tmp_path / "out"
-    prepare_data(tree, out, vae=str(tiny_vae), resolution=16, flip=True, shard_size=6, progress=False, log=quiet)
+    prepare_data(tree, out, vae=str(tiny_vae), resolution=16, flip=True, shard_size=6)
     meta = json.loads((out / "meta.json").read_text())
     std = 1 / 0.18215  # the config's scaling_factor (diffusers' default)
     assert meta["vae"]["name"] == "sd-vae" and meta["vae"]["pixel_range"] == "-1,1"
@@ -175,8 +181,7 @@ def test_tiny_vae_folder(tree: Path, tiny_vae: Path, tmp_path: Path) -> None:
 
     # --sample-posterior: a seeded draw, not the mean
     drawn = tmp_path / "drawn"
-    prepare_data(tree, drawn, vae=str(tiny_vae), resolution=16, sample_posterior=True, seed=3, shard_size=6,
-                 progress=False, log=quiet)
+    prepare_data(tree, drawn, vae=str(tiny_vae), resolution=16, sample_posterior=True, seed=3, shard_size=6)
     sampled, _ = all_rows(drawn)
     assert sampled.shape == (15, 4, 8, 8) and not torch.allclose(sampled, raw / std, atol=1e-3)
 
@@ -184,8 +189,7 @@ def test_tiny_vae_folder(tree: Path, tiny_vae: Path, tmp_path: Path) -> None:
 def test_resume_is_byte_identical(tree: Path, tiny_vae: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An interrupted run, a deleted shard, a leftover temp file and a truncated shard: reruns finish
     the job and give the same bytes as one uninterrupted run."""
-    kwargs = dict(vae=str(tiny_vae), resolution=16, flip=True, sample_posterior=True, shard_size=4, batch_size=3,
-                  progress=False, log=quiet)
+    kwargs = dict(vae=str(tiny_vae), resolution=16, flip=True, sample_posterior=True, shard_size=4, batch_size=3)
     ref = tmp_path / "ref"
     prepare_data(tree, ref, **kwargs)
     expected = folder_bytes(ref)
@@ -193,17 +197,17 @@ def test_resume_is_byte_identical(tree: Path, tiny_vae: Path, tmp_path: Path, mo
 
     # interrupted while encoding shard 2: shards 0-1 stay, nothing else is there
     out = tmp_path / "out"
-    real = pd._encode_shard
+    real = pd.encode_shard
 
     def interrupted(index: int, *args, **kw):
         if index == 2:
             raise KeyboardInterrupt
         return real(index, *args, **kw)
 
-    monkeypatch.setattr(pd, "_encode_shard", interrupted)
+    monkeypatch.setattr(pd, "encode_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare_data(tree, out, **kwargs)
-    monkeypatch.setattr(pd, "_encode_shard", real)
+    monkeypatch.setattr(pd, "encode_shard", real)
     assert sorted(p.name for p in out.iterdir()) == ["shard-00000.safetensors", "shard-00001.safetensors"]
     (out / ".shard-00002.safetensors.tmp-abc123").write_bytes(b"half a shard")  # a killed writer's leftover
     result = prepare_data(tree, out, **kwargs)
@@ -222,10 +226,10 @@ def test_resume_is_byte_identical(tree: Path, tiny_vae: Path, tmp_path: Path, mo
     # shards made with other settings are never mixed in
     with pytest.raises(UCGMError, match="other images or settings.*--overwrite"):
         prepare_data(tree, out, **{**kwargs, "flip": False})
-    monkeypatch.setattr(pd, "_encode_shard", interrupted)
+    monkeypatch.setattr(pd, "encode_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):  # an interrupted re-encode leaves no meta.json over mixed shards
         prepare_data(tree, out, **{**kwargs, "flip": False}, overwrite=True)
-    monkeypatch.setattr(pd, "_encode_shard", real)
+    monkeypatch.setattr(pd, "encode_shard", real)
     assert not (out / "meta.json").exists()
     result = prepare_data(tree, out, **{**kwargs, "flip": False}, overwrite=True)
     assert result.encoded_shards == [2, 3] and json.loads((out / "meta.json").read_text())["num_samples"] == 15
@@ -241,7 +245,7 @@ def test_two_processes_match_one(tree: Path, tiny_vae: Path, tmp_path: Path) -> 
     torch.set_num_threads(1)  # CPU kernels' round-off depends on the thread count: the same as the workers'
     try:
         prepare_data(tree, one, vae=str(tiny_vae), resolution=16, flip=True, sample_posterior=True, shard_size=3,
-                     batch_size=2, workers=1, progress=False, log=quiet)
+                     batch_size=2, workers=1)
     finally:
         torch.set_num_threads(threads)
     two = tmp_path / "two"
@@ -265,15 +269,14 @@ def test_labels_file(tmp_path: Path) -> None:
         Image.fromarray(rng.integers(0, 256, (12 + i, 9, 3), dtype=np.uint8)).save(flat / f"{i}.png")
     (flat / "labels.csv").write_text("file,label\n0.png,2\n1.png,0\n./2.png,5\n3.png,2\nextra.png,1\n")
     out = tmp_path / "out"
-    prepare_data(flat, out, vae="identity", resolution=8, labels=flat / "labels.csv", progress=False, log=quiet)
+    prepare_data(flat, out, vae="identity", resolution=8, labels=flat / "labels.csv")
     meta = json.loads((out / "meta.json").read_text())
     assert meta["num_classes"] == 6 and meta["num_samples"] == 4 and meta["class_names"] == [str(i) for i in range(6)]
     assert all_rows(out)[1].tolist() == [2, 0, 5, 2]
     assert (out / "skipped.txt").read_text() == "labels.csv\tnot an image file (extension)\n"
 
     (tmp_path / "labels.json").write_text(json.dumps({"0.png": 1, "1.png": 1, "2.png": 0, "3.png": 3}))
-    prepare_data(flat, tmp_path / "out2", vae="identity", resolution=8, labels=tmp_path / "labels.json",
-                 progress=False, log=quiet)
+    prepare_data(flat, tmp_path / "out2", vae="identity", resolution=8, labels=tmp_path / "labels.json")
     assert all_rows(tmp_path / "out2")[1].tolist() == [1, 1, 0, 3]
 
     (tmp_path / "partial.json").write_text(json.dumps({"0.png": 1, "2.png": 0}))
@@ -287,12 +290,11 @@ def test_from_recipe_and_checkpoint(tree: Path, tiny_vae: Path, tiny_checkpoint:
     """--from demo (identity, 16 px), --from edm2-s with --vae weights (its 0..1 range and per-channel
     statistics), --checkpoint of a pixel model (resolution from its latent shape)."""
     from diffusers import AutoencoderKL
-    prepare_data(tree, tmp_path / "demo", recipe="demo", progress=False, log=quiet)
+    prepare_data(tree, tmp_path / "demo", recipe="demo")
     meta = json.loads((tmp_path / "demo" / "meta.json").read_text())
     assert meta["resolution"] == 16 and meta["latent_shape"] == [3, 16, 16] and meta["vae"]["name"] == "identity"
 
-    prepare_data(tree, tmp_path / "edm2", recipe="edm2-s", vae=str(tiny_vae), resolution=16, shard_size=8,
-                 progress=False, log=quiet)
+    prepare_data(tree, tmp_path / "edm2", recipe="edm2-s", vae=str(tiny_vae), resolution=16, shard_size=8)
     meta = json.loads((tmp_path / "edm2" / "meta.json").read_text())
     spec = meta["vae"]
     assert spec["name"] == "sd-vae" and spec["pixel_range"] == "0,1" and len(spec["latent_std"]) == 4
@@ -305,12 +307,12 @@ def test_from_recipe_and_checkpoint(tree: Path, tiny_vae: Path, tiny_checkpoint:
     std = torch.tensor(spec["latent_std"]).view(1, -1, 1, 1)
     torch.testing.assert_close(all_rows(tmp_path / "edm2")[0], (raw - mean) / std, atol=1e-5, rtol=1e-5)
 
-    prepare_data(tree, tmp_path / "ckpt", checkpoint=str(tiny_checkpoint), progress=False, log=quiet)
+    prepare_data(tree, tmp_path / "ckpt", checkpoint=str(tiny_checkpoint))
     assert json.loads((tmp_path / "ckpt" / "meta.json").read_text())["latent_shape"] == [3, 8, 8]
     with pytest.raises(UCGMError, match=r"model expects latents of shape \[3, 8, 8\]"):
-        prepare_data(tree, tmp_path / "bad", checkpoint=str(tiny_checkpoint), resolution=16, progress=False, log=quiet)
+        prepare_data(tree, tmp_path / "bad", checkpoint=str(tiny_checkpoint), resolution=16)
     with pytest.raises(UCGMError, match="statistics of repa-e models are stored with the model checkpoint"):
-        prepare_data(tree, tmp_path / "bad", recipe="repa-e", progress=False, log=quiet)
+        prepare_data(tree, tmp_path / "bad", recipe="repa-e")
 
 
 def test_bad_inputs_are_one_line_errors(tree: Path, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ucgm_convert.errors import UCGMError
-from ucgm_convert.safe_pickle import ModuleRecord, PersistentRecord, module_tensors, read_pickle
+from ucgm_convert.formats.safe_pickle import ModuleRecord, PersistentRecord, module_tensors, read_pickle
 
 
 def _fake_module(monkeypatch: pytest.MonkeyPatch, name: str, **members: object) -> types.ModuleType:
@@ -166,7 +166,7 @@ def test_cached_per_file_version(tmp_path: Path) -> None:
 
 def test_allow_list_has_no_code_paths() -> None:
     """The allow-list holds no I/O or import machinery."""
-    from ucgm_convert.safe_pickle import _allowed_globals
+    from ucgm_convert.formats.safe_pickle import _allowed_globals
 
     values = _allowed_globals().values()
     assert not any(v in values for v in (io.BytesIO, open, eval, exec, __import__, getattr, torch.load))

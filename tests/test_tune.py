@@ -22,9 +22,11 @@ from typer.testing import CliRunner
 
 import ucgm_convert as uc
 from ucgm_convert.cli import app
-from ucgm_convert.latent_data import batch_indices, write_latent_folder
+from ucgm_convert.formats.latent_folder import write_latent_folder
+from ucgm_convert.jobs.tune.data import batch_indices
 from ucgm_convert.recipe import load_recipe
-from ucgm_convert.tuner import TuneConfig, TuneDiverged, chunk_seed, latest_checkpoint, tune
+from ucgm_convert.jobs.tune import TuneConfig, TuneDiverged, chunk_seed, latest_checkpoint
+from ucgm_convert.jobs.tune import run as tune
 
 from conftest import sigkill_when, tiny_model
 
@@ -69,9 +71,9 @@ def base_args(s: dict[str, Path], out: Path, *extra: str) -> list[str]:
 
 def config(s: dict[str, Path], out: Path, **kw: object) -> TuneConfig:
     args = dict(out=out, recipe=str(s["recipe"]), checkpoint=str(s["ckpt"]), data=str(s["data"]), global_batch=8,
-                lr=1e-3, sample_every=0, progress=False)
+                lr=1e-3, sample_every=0)
     args.update(kw)
-    return TuneConfig(**args)  # type: ignore[arg-type]
+    return TuneConfig.flat(**args)
 
 
 def metrics(out: Path) -> list[dict]:
@@ -233,8 +235,8 @@ def _bad_data(s: dict[str, Path], kind: str) -> Path:
         ("family", r"--from repa-e: the recipe is for 'repa-e' models but .* is a 'ucgm' model"),
         ("batch", r"--global-batch 8 is not divisible by --batch-size 3 x 1 process\(es\) = 3"),
         ("no-data", r"--data: pass a prepared latent folder"),
-        ("existing-run", r"already holds a tuning run; pass --resume"),
-        ("dtype", r"--dtype: expected one of float32, bfloat16, got 'float16' \(float16 would need loss scaling"),
+        ("existing-run", r"holds a previous tuning run \(checkpoints\); pass --resume to continue it, --overwrite"),
+        ("dtype", r"--dtype: expected one of 'float32', 'bfloat16', got 'float16' \(float16 would need loss scaling"),
         ("bad-override", r"--consistency: expected a number in \[0, 1\], got 2"),
     ],
 )
@@ -304,4 +306,4 @@ def test_embedded_demo_model_tunes(tmp_path: Path) -> None:
     result = runner.invoke(app, ["tune", "--from", "demo", "--out", str(out), "--steps", "1", "--global-batch", "4",
                                  "--demo-size", "64", "--sample-every", "0"])
     assert result.exit_code == 0, result.output
-    assert uc.load(out).cfg.sampling["steps"] == 2
+    assert uc.load(out).cfg.sampling.steps == 2

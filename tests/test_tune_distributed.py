@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 import ucgm_convert as uc
-from ucgm_convert.latent_data import write_latent_folder
-from ucgm_convert.tuner import TuneConfig, tune
+from ucgm_convert.formats.latent_folder import write_latent_folder
+from ucgm_convert.jobs.tune import TuneConfig
+from ucgm_convert.jobs.tune import run as tune
 
 from conftest import tiny_model
 
@@ -53,9 +54,8 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     try:
         one = tmp_path / "one"
-        tune(TuneConfig(out=one, recipe=str(recipe), checkpoint=str(ckpt), data=str(data), steps=3, global_batch=8,
-                        batch_size=2, label_drop=0.5, lr=1e-3, ema_decay=0.5, sample_every=0, save_every=2,
-                        progress=False))
+        tune(TuneConfig.flat(out=one, recipe=str(recipe), checkpoint=str(ckpt), data=str(data), steps=3, global_batch=8,
+                        batch_size=2, label_drop=0.5, lr=1e-3, ema_decay=0.5, sample_every=0, save_every=2))
     finally:
         torch.set_num_threads(threads)
 
@@ -103,9 +103,9 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path: Path) -> None
     torch.set_num_threads(1)
     try:
         one = tmp_path / "one"
-        tune(TuneConfig(out=one, recipe=str(recipe), checkpoint=str(ckpt), data=str(data), steps=3, global_batch=8,
+        tune(TuneConfig.flat(out=one, recipe=str(recipe), checkpoint=str(ckpt), data=str(data), steps=3, global_batch=8,
                         batch_size=2, label_drop=0.5, lr=1e-3, ema_decay=0.5, sample_every=0, save_every=2,
-                        keep_checkpoints=0, progress=False))
+                        keep_checkpoints=0))
     finally:
         torch.set_num_threads(threads)
 

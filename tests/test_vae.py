@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.nets.ldm_vae import autoencoder_kl_config, ldm_to_diffusers
-from ucgm_convert.vae import decode, encode, load_model_vae, load_vae, to_uint8
+from ucgm_convert.vae import decode, encode, load_vae, to_uint8
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vae"
 ATOL = 1e-5
@@ -169,13 +169,13 @@ def test_stored_state_and_path_precedence(tmp_path: Path) -> None:
         vae = load_vae(spec(), state=state)
         torch.testing.assert_close(vae.decode(io["latents"]).sample, io["decoded"], atol=ATOL, rtol=0)
     model = tiny_model()
-    model.cfg.vae = spec()
+    model.cfg = model.cfg.replace(vae=spec())
     model.vae_state = {"encoder.bogus": torch.zeros(1)}  # an explicit path wins over stored weights
-    vae = load_model_vae(model, path=FIXTURES / "ldm_f16d32_tiny.safetensors")
+    vae = model.load_vae(path=FIXTURES / "ldm_f16d32_tiny.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(vae.decode(io["latents"]).sample, io["decoded"], atol=ATOL, rtol=0)
     model.vae_state = dict(state)
-    assert isinstance(load_model_vae(model), AutoencoderKL)
+    assert isinstance(model.load_vae(), AutoencoderKL)
 
 
 def _fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
@@ -295,17 +295,17 @@ def test_missing_and_unknown_keys_named(tmp_path: Path) -> None:
 
 
 def test_bad_specs_and_sources(tmp_path: Path) -> None:
-    with pytest.raises(UCGMError, match="unknown VAE name 'sd-vea'"):
+    with pytest.raises(UCGMError, match="vae spec: name: expected one of 'identity', 'sd-vae', 'ldm-f16d32', 'dc-ae', got 'sd-vea'"):
         decode(torch.zeros(1, 4, 2, 2), spec("sd-vea"))
     with pytest.raises(UCGMError, match="pass --vae PATH"):
         load_vae(spec())
-    with pytest.raises(UCGMError, match="missing field.*latent_std"):
+    with pytest.raises(UCGMError, match="VAE 'sd-vae' needs latent_std"):
         load_vae({"name": "sd-vae", "latent_mean": 0.0, "pixel_range": "-1,1"})
     with pytest.raises(UCGMError, match="pixel_range"):
         decode(torch.zeros(1, 1, 1, 1), {"name": "identity", "pixel_range": "0,255"})
     with pytest.raises(UCGMError, match="latent_std has 2 values but the latents have 4 channels"):
         decode(torch.zeros(1, 4, 1, 1), {"name": "identity", "latent_std": [1.0, 2.0]})
-    with pytest.raises(UCGMError, match="unknown field.*scale"):
+    with pytest.raises(UCGMError, match="vae spec: scale: unknown key; allowed keys: name, source"):
         decode(torch.zeros(1, 1, 1, 1), {"name": "identity", "scale": 2})
     with pytest.raises(UCGMError, match="needs its network"):
         decode(torch.zeros(1, 4, 2, 2), spec())

@@ -1,6 +1,7 @@
 """ucgm-convert: load third-party diffusion / flow checkpoints, sample them with UCGM-S,
 tune them into few-step generators with UCGM-T, measure and publish them."""
 
+from ._version import __version__
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import UCGMError
 from .guidance import guided
@@ -10,21 +11,20 @@ from .objective import UCGMObjective
 from .sampler import count_nfe, sample, time_grid
 from .transports import TRANSPORTS, Transport, get_transport
 
-__version__ = "0.1.0"
-
 __all__ = [
     "GenerativeModel",
     "ModelConfig",
-    "UCGMError",
-    "load",
-    "load_checkpoint",
-    "save_checkpoint",
     "TRANSPORTS",
     "Transport",
+    "UCGMError",
     "UCGMObjective",
+    "__version__",
     "count_nfe",
     "get_transport",
     "guided",
+    "load",
+    "load_checkpoint",
     "sample",
+    "save_checkpoint",
     "time_grid",
 ]

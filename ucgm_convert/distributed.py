@@ -6,13 +6,16 @@ Processes are started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environme
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import get_args_parser, run
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,18 @@ def setup(device: str | None = None) -> Context:
     return Context(rank, world, local_rank, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
 
 
+@contextlib.contextmanager
+def session(device: str | None = None) -> Iterator[Context]:
+    """`setup(device)` for the duration of a job; leaves the process group only if it joined it here."""
+    joined_before = dist.is_available() and dist.is_initialized()
+    ctx = setup(device)
+    try:
+        yield ctx
+    finally:
+        if not joined_before:
+            teardown(ctx)
+
+
 def barrier(ctx: Context) -> None:
     """Wait for every process (no-op when alone)."""
     if ctx.distributed:
@@ -86,9 +101,6 @@ def relaunch_with_torchrun(nproc: int, argv: Sequence[str] | None = None) -> int
     Only torchrun's own options go through its argument parser: the command's arguments are
     set directly, so none of them can be taken for an abbreviation of a torchrun option.
     """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
     args = get_args_parser().parse_args([f"--nproc_per_node={nproc}", "--standalone", "-m", "ucgm_convert"])
     args.training_script_args = without_nproc(sys.argv[1:] if argv is None else argv)
     try:

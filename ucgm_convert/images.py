@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .checkpoint import write_file_atomic
+from .foundation import write_file_atomic
 
 
 def save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:

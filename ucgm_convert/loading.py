@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    IncompleteSnapshotError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
 
+from ._version import __version__
+from .adapters import detect_family, get_family
 from .errors import UCGMError
+from .foundation import looks_like_hub_id, one_line
 from .model import GenerativeModel
 
 EMBEDDED_PREFIX = "embedded:"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def embedded_path(name: str) -> Path:
@@ -32,28 +41,17 @@ def resolve_source(source: str | Path) -> Path:
     path = Path(text).expanduser()
     if path.exists():
         return path
-    if _HUB_ID.match(text) and not text.startswith((".", "/")):
+    if looks_like_hub_id(text):
         return _hub_snapshot(text)
     raise UCGMError(f"{text}: no such file or folder (and not a Hugging Face repo id like user/name)")
 
 
 def _hub_snapshot(repo_id: str) -> Path:
     """Download (or reuse from the cache, offline too) a Hub repo and return its local folder."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        HFValidationError,
-        IncompleteSnapshotError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    from . import __version__
-
     try:
         return Path(snapshot_download(repo_id, library_name="ucgm-convert", library_version=__version__))
     except HFValidationError as err:
-        raise UCGMError(f"{repo_id}: not a valid Hugging Face repo id ({_one_line(err)})") from None
+        raise UCGMError(f"{repo_id}: not a valid Hugging Face repo id ({one_line(err)})") from None
     except IncompleteSnapshotError:
         raise UCGMError(f"{repo_id}: the cached copy in {constants.HF_HUB_CACHE} is incomplete and the Hub "
                         "cannot be reached; download it again while online") from None
@@ -67,11 +65,7 @@ def _hub_snapshot(repo_id: str) -> Path:
         raise UCGMError(f"{repo_id}: no such model repo on the Hugging Face Hub (or it is private or gated: "
                         "log in with `hf auth login` or set HF_TOKEN)") from None
     except HfHubHTTPError as err:
-        raise UCGMError(f"{repo_id}: Hugging Face Hub error: {_one_line(err)}") from None
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
+        raise UCGMError(f"{repo_id}: Hugging Face Hub error: {one_line(err)}") from None
 
 
 def load(
@@ -82,15 +76,12 @@ def load(
     **overrides: Any,
 ) -> GenerativeModel:
     """Load `source` as a GenerativeModel; the family is detected from the contents unless given."""
-    from ucgm_convert.adapters import detect_family, get_adapter
-
     path = resolve_source(source)
-    name = family if family is not None else detect_family(path)
-    adapter = get_adapter(name)
-    if family is not None and not adapter.detect(path):
+    chosen = get_family(family) if family is not None else detect_family(path)
+    if family is not None and not chosen.detect(path):
         try:
-            actual = f"its contents look like family {detect_family(path)!r}"
+            actual = f"its contents look like family {detect_family(path).name!r}"
         except UCGMError as err:
             actual = str(err)
         raise UCGMError(f"{path}: does not look like a {family!r} checkpoint ({actual})")
-    return adapter.load(path, device=device, dtype=dtype, **overrides)
+    return chosen.load(path, device=device, dtype=dtype, **overrides)

@@ -2,74 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .errors import UCGMError
 from .nets import build_network
+from .settings.model import ModelConfig
 from .transports import Transport, get_transport
+from .vae import load_vae
 
-FORMAT_VERSION = 1
-
-
-@dataclass
-class ModelConfig:
-    """Everything `config.json` stores to rebuild and sample a model (JSON-serialisable)."""
-
-    family: str
-    arch: str
-    arch_kwargs: dict[str, Any]
-    transport: str
-    num_classes: int
-    latent_shape: tuple[int, int, int]
-    null_class: int | None = None
-    guidance_channels: int | None = None
-    vae: dict[str, Any] = field(default_factory=lambda: {"name": "identity"})
-    recipe: str | None = None
-    sampling: dict[str, Any] = field(default_factory=dict)
-    base_model: str | None = None  # Hub id of the source model, for model cards
-    format_version: int = FORMAT_VERSION
-
-    def __post_init__(self) -> None:
-        self.latent_shape = tuple(int(v) for v in self.latent_shape)  # type: ignore[assignment]
-        if len(self.latent_shape) != 3 or min(self.latent_shape) < 1:
-            raise UCGMError(f"latent_shape must be (C, H, W) with positive sizes, got {self.latent_shape!r}")
-        get_transport(self.transport)
-        if self.num_classes < 1:
-            raise UCGMError(f"num_classes must be >= 1, got {self.num_classes!r}")
-        if self.null_class is None:
-            self.null_class = self.num_classes
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "ModelConfig":
-        """Validate a parsed config.json; errors name the file and the field."""
-        if not isinstance(data, dict):
-            raise UCGMError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING}
-        unknown = sorted(set(data) - names)
-        missing = sorted(required - set(data))
-        if unknown:
-            raise UCGMError(f"{source}: unknown field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(names))}")
-        if missing:
-            raise UCGMError(f"{source}: missing field(s) {', '.join(missing)}")
-        if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise UCGMError(f"{source}: format_version {data['format_version']} is newer than this ucgm-convert "
-                            f"understands ({FORMAT_VERSION}); upgrade ucgm-convert")
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as err:
-            raise UCGMError(f"{source}: {err}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["latent_shape"] = list(self.latent_shape)
-        return out
+__all__ = ["GenerativeModel", "ModelConfig"]
 
 
 class GenerativeModel(nn.Module):
@@ -84,7 +28,7 @@ class GenerativeModel(nn.Module):
         self.vae_state: dict[str, Tensor] | None = None
 
     @classmethod
-    def build(cls, config: ModelConfig) -> "GenerativeModel":
+    def build(cls, config: ModelConfig) -> GenerativeModel:
         """A model with freshly initialised weights for `config`."""
         return cls(build_network(config.arch, **config.arch_kwargs), config)
 
@@ -101,7 +45,7 @@ class GenerativeModel(nn.Module):
 
     @property
     def null_class(self) -> int:
-        return int(self.cfg.null_class)  # type: ignore[arg-type]
+        return self.cfg.null_class
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -122,3 +66,14 @@ class GenerativeModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def load_vae(self, path: str | Path | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The VAE that decodes this model's latents: `path` (--vae), else the weights stored with it, else its
+        spec's source; pixel-space models get nn.Identity."""
+        return load_vae(self.cfg.vae, path=path, state=self.vae_state, device=self.device if device is None else device,
+                        dtype=dtype)
+
+    def num_parameters(self) -> int:
+        """Parameters of the network (not the VAE)."""
+        return sum(p.numel() for p in self.net.parameters())

@@ -1,9 +1,8 @@
-"""Model-space latents <-> images through the source family's VAE (diffusers), described by a spec dict.
+"""Model-space latents <-> images through the source family's VAE (diffusers), described by a VaeSpec.
 
-Spec (ModelConfig.vae, JSON): {"name": "identity" | "sd-vae" | "ldm-f16d32" | "dc-ae",
-"source": Hub repo id | local path | None, "latent_mean": float | [C floats],
-"latent_std": float | [C floats], "pixel_range": "-1,1" | "0,1", optional "norm_groups": int}.
-Model-space latents are m = (z - mean) / std; decoding computes z = m * std + mean, runs the VAE
+The spec (ucgm_convert.settings.VaeSpec, config.json "vae") names the VAE ("identity", "sd-vae",
+"ldm-f16d32", "dc-ae"), its weights ("source": Hub id or path), the latent statistics and the
+pixel range. Model-space latents are m = (z - mean) / std; decoding computes z = m * std + mean, runs the VAE
 and maps its output range to [0, 1]. `identity` is pixel space ([-1, 1] data, the demo model).
 """
 
@@ -13,26 +12,23 @@ import importlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from torch import Tensor, nn
 
 from .errors import UCGMError
+from .formats.safetensors_file import read_safetensors
+from .formats.statedict import load_state_dict_strict
+from .formats.torch_files import read_torch, tensor_dict
+from .foundation import looks_like_hub_id, one_line
 from .nets.ldm_vae import build_autoencoder_kl, diffusers_naming
-from .readers import read_torch, tensor_dict
-from .statedict import load_state_dict_strict
+from .settings import SettingsError, VaeSpec
 
-if TYPE_CHECKING:
-    from .model import GenerativeModel
-
-VAES = ("identity", "sd-vae", "ldm-f16d32", "dc-ae")
-PIXEL_RANGES = ("-1,1", "0,1")
-SPEC_FIELDS = ("name", "source", "latent_mean", "latent_std", "pixel_range", "norm_groups")
 # The diffusers class each name decodes with (f16d32 is an AutoencoderKL with attention levels).
 DIFFUSERS_CLASS = {"sd-vae": "AutoencoderKL", "ldm-f16d32": "AutoencoderKL", "dc-ae": "AutoencoderDC"}
-# GroupNorm groups of every released KL VAE; the weights cannot tell it (tiny test VAEs differ).
-DEFAULT_NORM_GROUPS = 32
 # Top-level parts of training checkpoints that are not the VAE: the latent-diffusion / VA-VAE
 # Lightning module keeps LPIPS + discriminator under `loss.`, VA-VAE its DINOv2 under
 # `foundation_model.` and the alignment projection under `linear_proj.`.
@@ -43,55 +39,25 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
 AUXILIARY_MARKERS = ("stats", "discriminator")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.pt", "*.pth", "*.ckpt"]
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+Spec = VaeSpec | Mapping[str, Any]
 
 
-def check_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The spec with defaults filled in; a bad field is a UCGMError naming it.
-
-    `identity` defaults to mean 0, std 1, range "-1,1"; every real VAE must state its statistics
-    and range (a silent default would decode wrongly scaled latents).
-    """
+def as_spec(spec: Spec) -> VaeSpec:
+    """A VaeSpec from a VaeSpec or its dict form; a bad field is a UCGMError naming it."""
+    if isinstance(spec, VaeSpec):
+        return spec
     if not isinstance(spec, Mapping):
-        raise UCGMError(f"vae spec: expected a dict, got {type(spec).__name__}")
-    unknown = sorted(set(spec) - set(SPEC_FIELDS))
-    if unknown:
-        raise UCGMError(f"vae spec: unknown field(s) {', '.join(unknown)}; expected some of {', '.join(SPEC_FIELDS)}")
-    name = spec.get("name")
-    if name not in VAES:
-        raise UCGMError(f"vae spec: unknown VAE name {name!r}; known: {', '.join(VAES)}")
-    out = {"source": None, "norm_groups": DEFAULT_NORM_GROUPS, **spec}
-    if name == "identity":
-        out = {"latent_mean": 0.0, "latent_std": 1.0, "pixel_range": "-1,1", **out}
-    missing = [f for f in ("latent_mean", "latent_std", "pixel_range") if f not in out]
-    if missing:
-        raise UCGMError(f"vae spec for {name!r}: missing field(s) {', '.join(missing)}")
-    if out["pixel_range"] not in PIXEL_RANGES:
-        raise UCGMError(f"vae spec: pixel_range must be one of {', '.join(map(repr, PIXEL_RANGES))}, "
-                        f"got {out['pixel_range']!r}")
-    for field in ("latent_mean", "latent_std"):
-        value = out[field]
-        values = value if isinstance(value, list) else [value]
-        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            raise UCGMError(f"vae spec: {field} must be a number or a non-empty list of numbers, got {value!r}")
-    stds = out["latent_std"] if isinstance(out["latent_std"], list) else [out["latent_std"]]
-    if any(s == 0 for s in stds):
-        raise UCGMError(f"vae spec: latent_std must be non-zero, got {out['latent_std']!r}")
-    groups = out["norm_groups"]
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise UCGMError(f"vae spec: norm_groups must be a positive integer, got {groups!r}")
-    if out["source"] is not None and not isinstance(out["source"], str):
-        raise UCGMError(f"vae spec: source must be a Hub repo id, a path or null, got {out['source']!r}")
-    return out
+        raise UCGMError(f"vae spec: expected a mapping, got {type(spec).__name__}")
+    try:
+        return VaeSpec(**spec)
+    except SettingsError as err:
+        raise UCGMError(f"vae spec: {err}") from None
 
 
-def _stat(spec: dict[str, Any], field: str, like: Tensor) -> Tensor:
-    """latent_mean / latent_std as a scalar or a [1, C, 1, 1] tensor matching `like` [B, C, H, W]."""
-    value = spec[field]
-    if not isinstance(value, list):
-        return torch.tensor(float(value), dtype=like.dtype, device=like.device)
-    if len(value) != like.shape[1]:
-        raise UCGMError(f"vae spec: {field} has {len(value)} values but the latents have {like.shape[1]} channels")
-    return torch.tensor(value, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+def _stat(spec: VaeSpec, field: str, like: Tensor) -> Tensor:
+    """latent_mean / latent_std as a [1, C, 1, 1] tensor matching `like` [B, C, H, W]."""
+    values = spec.channel_values(field, like.shape[1])
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
 
 
 def _to_unit(x: Tensor, pixel_range: str) -> Tensor:
@@ -99,29 +65,29 @@ def _to_unit(x: Tensor, pixel_range: str) -> Tensor:
     return ((x + 1) / 2).clamp(0, 1) if pixel_range == "-1,1" else x.clamp(0, 1)
 
 
-def _module(spec: dict[str, Any], vae_module: nn.Module | None) -> nn.Module:
+def _module(spec: VaeSpec, vae_module: nn.Module | None) -> nn.Module:
     if vae_module is None:
-        raise UCGMError(f"VAE {spec['name']!r} needs its network: load it with load_vae(spec, path) "
+        raise UCGMError(f"VAE {spec.name!r} needs its network: load it with load_vae(spec, path) "
                         "(on the command line: --vae PATH)")
     return vae_module
 
 
-def decode(latents: Tensor, spec: Mapping[str, Any], vae_module: nn.Module | None = None) -> Tensor:
+def decode(latents: Tensor, spec: Spec, vae_module: nn.Module | None = None) -> Tensor:
     """Model-space latents [B, C, H, W] -> float32 images in [0, 1] (z = m * std + mean, then the VAE)."""
-    spec = check_spec(spec)
+    spec = as_spec(spec)
     x = latents.float()
     z = x * _stat(spec, "latent_std", x) + _stat(spec, "latent_mean", x)
-    if spec["name"] != "identity":
+    if spec.name != "identity":
         module = _module(spec, vae_module)
         weight = next(module.parameters())
         with torch.no_grad():
             z = module.decode(z.to(weight.device, weight.dtype)).sample.float()
-    return _to_unit(z, spec["pixel_range"])
+    return _to_unit(z, spec.pixel_range)
 
 
 def encode(
     images: Tensor,
-    spec: Mapping[str, Any],
+    spec: Spec,
     vae_module: nn.Module | None = None,
     sample: bool = False,
     generator: torch.Generator | None = None,
@@ -130,8 +96,8 @@ def encode(
 
     z is the KL posterior's mean, or a draw from it with `sample=True`; DC-AE is deterministic.
     """
-    spec = check_spec(spec)
-    if spec["name"] == "identity":
+    spec = as_spec(spec)
+    if spec.name == "identity":
         z = images.float()
     else:
         module = _module(spec, vae_module)
@@ -144,6 +110,9 @@ def encode(
             z = out.latent
         z = z.float()
     return (z - _stat(spec, "latent_mean", z)) / _stat(spec, "latent_std", z)
+
+
+UINT8_RULE = "ucgm_convert.vae.to_uint8: round(255 * x) for x in [0, 1], clamped to [0, 255] (round to nearest)"
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -163,17 +132,11 @@ def vae_only(state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
     return kept
 
 
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    from .checkpoint import read_safetensors  # on use: checkpoint -> model must be able to import this module
-
-    return read_safetensors(path)
-
-
 def read_vae_weights(path: Path) -> dict[str, Tensor]:
     """VAE tensors of one file: a bare state dict, a Lightning checkpoint (`state_dict`) or a
     REPA-E training checkpoint (`vae`), as .safetensors or a torch zip (read without pickled code)."""
     source = str(path)
-    obj: Any = _read_safetensors(path) if path.suffix == ".safetensors" else read_torch(path)
+    obj: Any = read_safetensors(path) if path.suffix == ".safetensors" else read_torch(path)
     if isinstance(obj, Mapping) and "state_dict" in obj:
         state = tensor_dict(obj, source, "state_dict")
     elif isinstance(obj, Mapping) and "vae" in obj and not isinstance(obj["vae"], Tensor):
@@ -198,7 +161,7 @@ def _diffusers_folder(name: str, folder: Path, dtype: torch.dtype) -> nn.Module:
     if weights is None:
         raise UCGMError(f"{folder}: no VAE weights ({' or '.join(DIFFUSERS_WEIGHTS)})")
     if weights.suffix == ".safetensors":
-        state = _read_safetensors(weights)
+        state = read_safetensors(weights)
     else:
         state = tensor_dict(read_torch(weights), str(weights))
     if class_name == "AutoencoderKL":
@@ -236,9 +199,6 @@ def _from_folder(name: str, folder: Path, norm_groups: int, dtype: torch.dtype) 
 
 def hub_folder(repo_id: str) -> Path:
     """The local snapshot of a Hub VAE repo (weights and configs only), from the cache when offline."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=["*discriminator*"]))
     except LocalEntryNotFoundError:
@@ -246,24 +206,22 @@ def hub_folder(repo_id: str) -> Path:
                         f"(offline?): download the repo {repo_id} where the Hub is reachable (`hf download "
                         f"{repo_id}`) or pass --vae PATH to a local copy") from None
     except HfHubHTTPError as err:
-        raise UCGMError(f"VAE {repo_id!r}: Hugging Face Hub error: {err}") from None
+        raise UCGMError(f"VAE {repo_id!r}: Hugging Face Hub error: {one_line(err)}") from None
 
 
 def _from_source(name: str, source: str, norm_groups: int, dtype: torch.dtype) -> nn.Module:
-    from .loading import _HUB_ID  # on use, like _read_safetensors
-
     path = Path(source).expanduser()
     if path.is_dir():
         return _from_folder(name, path, norm_groups, dtype)
     if path.is_file():
         return _from_state(name, read_vae_weights(path), str(path), norm_groups, dtype)
-    if _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+    if looks_like_hub_id(source):
         return _from_folder(name, hub_folder(source), norm_groups, dtype)
     raise UCGMError(f"VAE {source}: no such file or folder (and not a Hugging Face repo id like user/name)")
 
 
 def load_vae(
-    spec: Mapping[str, Any],
+    spec: Spec,
     path: str | Path | None = None,
     state: Mapping[str, Tensor] | None = None,
     device: torch.device | str = "cpu",
@@ -271,30 +229,21 @@ def load_vae(
 ) -> nn.Module:
     """The VAE network for `spec`, in eval mode without gradients.
 
-    Weights from `path` (file, folder or Hub id; overrides spec["source"]), else `state` (weights
-    stored with the model, e.g. REPA-E's end-to-end tuned VAE), else spec["source"].
+    Weights from `path` (file, folder or Hub id; overrides spec.source), else `state` (weights
+    stored with the model, e.g. REPA-E's end-to-end tuned VAE), else spec.source.
     """
-    spec = check_spec(spec)
-    name = spec["name"]
+    spec = as_spec(spec)
+    name = spec.name
     if name == "identity":
         return nn.Identity()
-    groups = spec["norm_groups"]
+    groups = spec.norm_groups
     if path is not None:
         vae = _from_source(name, str(path), groups, dtype)
     elif state is not None:
         vae = _from_state(name, state, "VAE weights stored with the model", groups, dtype)
-    elif spec["source"]:
-        vae = _from_source(name, spec["source"], groups, dtype)
+    elif spec.source:
+        vae = _from_source(name, spec.source, groups, dtype)
     else:
         raise UCGMError(f"VAE {name!r}: the model names no VAE weights (vae.source is null and it stores none); "
                         "pass --vae PATH (a VAE checkpoint file, a folder, or a Hugging Face repo id)")
     return vae.to(device=device).eval().requires_grad_(False)  # already in dtype
-
-
-def load_model_vae(
-    model: GenerativeModel, path: str | Path | None = None, device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> nn.Module:
-    """The VAE that decodes `model`'s latents: --vae PATH, else weights stored with it, else its spec's source."""
-    return load_vae(model.cfg.vae, path=path, state=model.vae_state,
-                    device=model.device if device is None else device, dtype=dtype)

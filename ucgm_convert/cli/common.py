@@ -1,48 +1,62 @@
-"""Helpers shared by the `ucgm` commands: one-line errors, list parsing, consoles."""
+"""What every `ucgm` command shares: one `error:` line for bad input (ours and click's), never a traceback."""
 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
-from rich.console import Console
+from typer._click.exceptions import ClickException, UsageError  # typer vendors click; no public name
+from typer.core import TyperGroup
 
+from ..console import error_line
+from ..distributed import launched_by_torchrun, relaunch_with_torchrun
 from ..errors import UCGMError
 
-console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def fail(message: str) -> None:
-    """Print one red error line to stderr and exit with status 2."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+BAD_INPUT = 2
 
 
 def clean_errors(func: F) -> F:
-    """Turn UCGMError (bad input) into a one-line message instead of a traceback."""
+    """Turn UCGMError (bad input) into one `error:` line on stderr (rank 0 only) and exit status 2."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except UCGMError as err:
-            fail(str(err))
+            error_line(str(err))
+            raise typer.Exit(BAD_INPUT) from None
 
     return wrapper  # type: ignore[return-value]
 
 
-def parse_classes(text: str | None, num_classes: int) -> list[int]:
-    """'3,7,9' or 'all' (default) -> class ids, each checked against the model's classes."""
-    if text is None or text.strip().lower() == "all":
-        return list(range(num_classes))
-    try:
-        classes = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise UCGMError(f"--classes: expected comma-separated integers or 'all', got {text!r}") from None
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if not classes or bad:
-        raise UCGMError(f"--classes: class ids must be in [0, {num_classes - 1}], got {text!r}")
-    return classes
+def relaunch_if_asked(nproc: int) -> None:
+    """`--nproc N` (N > 1) outside torchrun: run this same command under torchrun and exit with its status."""
+    if isinstance(nproc, bool) or nproc < 1:
+        raise UCGMError(f"--nproc: expected an integer >= 1, got {nproc}")
+    if nproc > 1 and not launched_by_torchrun():
+        raise typer.Exit(relaunch_with_torchrun(nproc))
+
+
+class OneLineErrors(TyperGroup):
+    """The root command: click's usage errors (unknown flag, bad integer, missing option) as one `error:` line."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except ClickException as err:
+            if not standalone_mode:
+                raise
+            error_line(err.format_message())
+            sys.exit(BAD_INPUT if isinstance(err, UsageError) else err.exit_code)
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            error_line("aborted")
+            sys.exit(1)
+        if not standalone_mode:
+            return result
+        sys.exit(result if isinstance(result, int) else 0)

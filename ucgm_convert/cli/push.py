@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
 from ..errors import UCGMError
 from ..hub import UPLOAD_FILES, push_to_hub
-from .common import clean_errors, console
+from ..console import info
+from .common import clean_errors
 
 
 @clean_errors
@@ -22,7 +23,7 @@ def push_command(
     license: Optional[str] = typer.Option(None, "--license", help="Hub license id for the card (e.g. mit, cc-by-nc-sa-4.0). Default: inherited from the source family."),
     overwrite_card: bool = typer.Option(False, "--overwrite-card", help="Replace a hand-written README.md with the generated card."),
     keep_card: bool = typer.Option(False, "--keep-card", help="Upload an existing README.md unchanged."),
-    results: Optional[List[Path]] = typer.Option(None, "--results", help="More results.json files (e.g. from `ucgm eval fid --out ELSEWHERE`) for the card's results; repeatable. FOLDER/results.json is always used."),
+    results: Optional[list[Path]] = typer.Option(None, "--results", help="More results.json files (e.g. from `ucgm eval fid --out ELSEWHERE`) for the card's results; repeatable. FOLDER/results.json is always used."),
     message: Optional[str] = typer.Option(None, "--message", "-m", help="Commit message."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and write README.md only; upload nothing (no token needed)."),
 ) -> None:
@@ -38,12 +39,11 @@ def push_command(
     result = push_to_hub(folder, repo, token=token, private=private, base_model=base_model, license=license,
                          card=policy, commit_message=message, dry_run=dry_run, results=results or ())
     card_state = "written" if result.card_written else "kept as is"
-    console.print(f"model card {result.card_path} {card_state}")
+    info(f"model card {result.card_path} {card_state}")
     if dry_run:
-        console.print(f"dry run: would upload {', '.join(result.files)} to {result.repo_id} (of {', '.join(UPLOAD_FILES)})")
+        info(f"dry run: would upload {', '.join(result.files)} to {result.repo_id} (of {', '.join(UPLOAD_FILES)})")
         return
     deleted = f"; removed stale {', '.join(result.deleted)}" if result.deleted else ""
-    console.print(f"uploaded {', '.join(result.files)} to {result.repo_url} in one commit{deleted}", soft_wrap=True)
-    console.print(f"commit: {result.commit_url}", soft_wrap=True)
-    console.print(f"load it with: ucgm sample --checkpoint {result.repo_id}   or   uc.load({result.repo_id!r})",
-                  soft_wrap=True)
+    info(f"uploaded {', '.join(result.files)} to {result.repo_url} in one commit{deleted}")
+    info(f"commit: {result.commit_url}")
+    info(f"load it with: ucgm sample --checkpoint {result.repo_id}   or   uc.load({result.repo_id!r})")

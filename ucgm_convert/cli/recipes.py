@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import typer
 from rich import box
-from rich.console import Console, Group
+from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
 
-from ..recipe import Recipe, SamplingSettings, list_recipes, load_recipe, recipe_text
+from ..console import stdout
+from ..recipe import Recipe, list_recipes, load_recipe, recipe_text
+from ..settings import SamplingSettings, Settings
 from .common import clean_errors
 
 recipes_app = typer.Typer(
@@ -46,9 +47,8 @@ def list_command() -> None:
             recipe.sampling.nfe_label,
             _before_after(before and f"{before.fid:g}", after and f"{after.fid:g}"),
         )
-    console = Console()
-    console.print(table)
-    console.print("paper FID: the source's own sampler → UCGM-S, as the UCGM README reports them "
+    stdout.print(table)
+    stdout.print("paper FID: the source's own sampler → UCGM-S, as the UCGM README reports them "
                   "(NFE and notes: `ucgm recipes show NAME`). Use a recipe with --from NAME.", style="dim")
 
 
@@ -65,14 +65,14 @@ def _format(value: Any) -> str:
 _SECTIONS = ("sampling", "few_step_sampling", "tuning", "paper_before", "paper_after", "paper_tuned")
 
 
-def _fields_table(obj: Any, title: str, extra: dict[str, str] | None = None) -> Table:
+def _fields_table(obj: Settings, title: str, extra: dict[str, str] | None = None) -> Table:
     """One row per scalar field of a recipe dataclass (sections get their own tables)."""
     table = Table(title=title, title_justify="left", box=box.SIMPLE, show_header=False)
     table.add_column("field", style="cyan", no_wrap=True)
     table.add_column("value", overflow="fold")
-    for f in dataclasses.fields(obj):
-        if f.name not in _SECTIONS:
-            table.add_row(f.name, _format(getattr(obj, f.name)))
+    for name in type(obj).model_fields:
+        if name not in _SECTIONS:
+            table.add_row(name, _format(getattr(obj, name)))
     for key, value in (extra or {}).items():
         table.add_row(key, value, style="dim")
     return table
@@ -122,4 +122,4 @@ def show_command(
     papers = _papers_table(recipe)
     if papers is not None:
         parts.append(papers)
-    Console().print(Panel(Group(*parts), title=recipe.name, subtitle=recipe.family, expand=False))
+    stdout.print(Panel(Group(*parts), title=recipe.name, subtitle=recipe.family, expand=False))

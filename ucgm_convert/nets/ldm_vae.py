@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UCGMError
-from ..statedict import load_state_dict_strict
+from ..formats.statedict import load_state_dict_strict
 
 # Pieces of latent-diffusion names -> diffusers names.
 RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import UCGMError
+from ..errors import UCGMError
 
 
 @dataclass

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .errors import UCGMError
+from ..errors import UCGMError
 
 
 def _preview(keys: list[str], limit: int = 8) -> str:
@@ -42,3 +43,14 @@ def load_state_dict_strict(
         raise UCGMError(f"{source}: weights do not fit the architecture; " + "; ".join(problems))
     with torch.no_grad():
         module.load_state_dict(dict(state), strict=True, assign=assign)
+
+
+def state_sha256(model: nn.Module, extra: dict[str, torch.Tensor] | None = None) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor of the state dict, in sorted order."""
+    h = hashlib.sha256()
+    items = sorted(model.state_dict().items()) + sorted((f"extra.{k}", v) for k, v in (extra or {}).items())
+    for name, tensor in items:
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

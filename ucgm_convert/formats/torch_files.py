@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import UCGMError
+from ..errors import UCGMError
 
 # Plain-data classes that released checkpoints pickle besides tensors (REPA-E stores its
 # argparse Namespace under "args"); nothing here can execute code when unpickled.

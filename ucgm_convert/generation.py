@@ -8,14 +8,14 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UCGMError
+from .foundation import parse_dtype
 from .guidance import guided
 from .model import GenerativeModel
-from .recipe import SamplingSettings
 from .sampler import sample
 from .seeding import initial_noise, sample_generators
+from .settings import SamplingSettings
 from .vae import decode, to_uint8
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ROW_MULTIPLE = 8
 
 
@@ -45,18 +45,17 @@ def balanced_labels(num: int, classes: Sequence[int]) -> list[int]:
 
 def model_fn(model: GenerativeModel, settings: SamplingSettings, dtype: str = "float32") -> Callable[..., Tensor]:
     """The network with guidance (when cfg_scale != 1), autocast (bfloat16 / float16) and row padding."""
-    if dtype not in DTYPES:
-        raise UCGMError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    autocast = parse_dtype(dtype)
     fn: Callable[..., Tensor] = model
     if settings.cfg_scale != 1.0:
         fn = guided(model, **settings.guidance_kwargs())
-    if DTYPES[dtype] == torch.float32:
+    if autocast == torch.float32:
         return row_padded(fn)
     device_type = model.device.type
     guided_fn = fn
 
     def autocast_fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        with torch.autocast(device_type, dtype=DTYPES[dtype]):
+        with torch.autocast(device_type, dtype=autocast):
             return guided_fn(x, t, y).float()
 
     return row_padded(autocast_fn)

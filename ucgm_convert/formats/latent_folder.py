@@ -1,4 +1,4 @@
-"""Training data for `ucgm tune`: a prepared latent folder, or the demo shapes made on the fly.
+"""The prepared latent folder: what `ucgm prepare-data` writes and `ucgm tune --data` reads.
 
 A prepared latent folder (what `ucgm prepare-data` writes) holds
 
@@ -15,19 +15,11 @@ Rows are read lazily (memory-mapped safetensors slices), so a dataset larger tha
 and eight processes on one machine share the page cache. Labels are read up front (N int64)
 so that they can be checked against the model's classes before training starts.
 
-`--data demo` is `ucgm_convert.demo_data.make_shapes(size, seed)`: the 16x16 procedural shapes
-the embedded demo model was trained on, made deterministically in memory.
-
-The order in which samples are visited is `batch_indices(num_samples, global_batch, seed,
-step)`: a pure function of (seed, step), so a resumed run and a run on any number of processes
-see exactly the same batches.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,23 +29,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .checkpoint import write_file_atomic
-from .errors import UCGMError
+from ..errors import UCGMError
+from ..foundation import write_file_atomic
+from ..settings import VaeSpec
 
-__all__ = [
-    "DEMO",
-    "DemoShapes",
-    "LatentFolder",
-    "META_NAME",
-    "batch_indices",
-    "open_dataset",
-    "shard_name",
-    "write_latent_folder",
-]
+__all__ = ["LatentFolder", "META_NAME", "shard_name", "write_latent_folder"]
 
 META_NAME = "meta.json"
-DEMO = "demo"
-DEMO_SIZE = 50_000
 META_KEYS = ("num_samples", "latent_shape", "num_classes", "latent_mean", "latent_std", "vae", "shards")
 
 
@@ -156,10 +138,10 @@ class LatentFolder:
         latents = torch.cat(rows).float() if rows else torch.empty(0, *self.latent_shape)
         return latents, self.labels[indices]
 
-    def check_statistics(self, vae_spec: Mapping[str, Any]) -> None:
+    def check_statistics(self, vae_spec: VaeSpec) -> None:
         """UCGMError when the latents were normalised with other statistics than the model's VAE spec."""
         for key in ("latent_mean", "latent_std"):
-            ours, theirs = self.meta.get(key), vae_spec.get(key)
+            ours, theirs = self.meta.get(key), getattr(vae_spec, key)
             if ours is None or theirs is None:
                 continue
             a = np.atleast_1d(np.asarray(ours, dtype=np.float64))
@@ -168,93 +150,6 @@ class LatentFolder:
             if not comparable or not np.allclose(a, b, rtol=1e-4, atol=1e-6):
                 raise UCGMError(f"--data {self.folder}: latents were normalised with {key} {ours!r} but the model's "
                                 f"VAE expects {theirs!r}; prepare the data for this model (`ucgm prepare-data`)")
-
-
-class DemoShapes:
-    """`--data demo`: make_shapes(size, seed) images in [-1, 1], the demo model's training data."""
-
-    def __init__(self, size: int = DEMO_SIZE, seed: int = 0) -> None:
-        from .demo_data import IMAGE_SIZE, NUM_CLASSES, make_shapes
-
-        if size < 1:
-            raise UCGMError(f"--demo-size: expected an integer >= 1, got {size}")
-        self.images, self.labels = make_shapes(size, seed)
-        self.num_samples = size
-        self.latent_shape = (3, IMAGE_SIZE, IMAGE_SIZE)
-        self.num_classes = NUM_CLASSES
-        self.description = f"demo shapes (make_shapes({size}, seed={seed}): 16x16 RGB, {NUM_CLASSES} classes)"
-
-    def get(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-        return self.images[indices], self.labels[indices]
-
-    def check_statistics(self, vae_spec: Mapping[str, Any]) -> None:
-        if vae_spec.get("name", "identity") != "identity":
-            raise UCGMError(f"--data demo: the demo shapes are pixels, but the model works in {vae_spec.get('name')!r} "
-                            "latents; pass --data with a prepared latent folder")
-
-
-Dataset = LatentFolder | DemoShapes
-
-
-def open_dataset(data: str | Path, demo_size: int = DEMO_SIZE, demo_seed: int = 0) -> Dataset:
-    """`demo` -> DemoShapes; anything else -> LatentFolder (checked)."""
-    if str(data) == DEMO:
-        return DemoShapes(demo_size, demo_seed)
-    return LatentFolder(data)
-
-
-def check_against_model(data: Dataset, latent_shape: Sequence[int], num_classes: int,
-                        vae_spec: Mapping[str, Any] | None = None) -> None:
-    """UCGMError (naming both sides) when the data does not fit the model."""
-    model_shape = tuple(int(v) for v in latent_shape)
-    if tuple(data.latent_shape) != model_shape:
-        raise UCGMError(f"--data: latents have shape {list(data.latent_shape)} (C, H, W) but the model expects "
-                        f"{list(model_shape)}; prepare the data with this model's VAE and resolution")
-    labels = data.labels
-    bad = (labels < 0) | (labels >= num_classes)
-    if bool(bad.any()):
-        first = int(bad.nonzero()[0, 0])
-        raise UCGMError(f"--data: {int(bad.sum())} label(s) outside the model's classes [0, {num_classes - 1}] "
-                        f"(first: sample {first} has label {int(labels[first])})")
-    if vae_spec is not None:
-        data.check_statistics(vae_spec)
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    state = np.random.SeedSequence([int(seed), int(epoch), 0x7A11]).generate_state(2, dtype=np.uint64)
-    return int(state[0] >> np.uint64(1))
-
-
-_PERM_CACHE: dict[tuple[int, int, int], Tensor] = {}
-
-
-def epoch_permutation(num_samples: int, seed: int, epoch: int) -> Tensor:
-    """The visiting order of epoch `epoch`: a permutation of range(num_samples) from (seed, epoch)."""
-    key = (num_samples, seed, epoch)
-    if key not in _PERM_CACHE:
-        if len(_PERM_CACHE) >= 4:
-            _PERM_CACHE.pop(next(iter(_PERM_CACHE)))
-        gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
-        _PERM_CACHE[key] = torch.randperm(num_samples, generator=gen)
-    return _PERM_CACHE[key]
-
-
-def batch_indices(num_samples: int, global_batch: int, seed: int, step: int) -> Tensor:
-    """Sample indices of global batch `step` (0-based): positions step*B .. step*B+B-1 of the
-    concatenated epoch permutations. A pure function of its arguments."""
-    start = step * global_batch
-    pos = torch.arange(start, start + global_batch)
-    epochs = pos // num_samples
-    out = torch.empty(global_batch, dtype=torch.long)
-    for epoch in torch.unique(epochs).tolist():
-        mask = epochs == epoch
-        out[mask] = epoch_permutation(num_samples, seed, epoch)[pos[mask] % num_samples]
-    return out
-
-
-def epochs_seen(num_samples: int, global_batch: int, steps: int) -> float:
-    """How many passes over the data `steps` batches make."""
-    return steps * global_batch / num_samples if num_samples else math.inf
 
 
 def write_latent_folder(

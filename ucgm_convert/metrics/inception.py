@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import UCGMError
-from .fid import sha256_file
+from ..errors import UCGMError
+from ..foundation import sha256_file
 
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILENAME}"

@@ -15,7 +15,6 @@ Reference statistics files:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 import zipfile
@@ -25,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from .checkpoint import write_file_atomic
-from .errors import UCGMError
+from ..errors import UCGMError
+from ..formats.safe_pickle import read_pickle
+from ..foundation import sha256_file, write_file_atomic
 
 FEATURE_DIM = 2048
 IS_SPLITS = 10
@@ -134,8 +135,7 @@ def inception_score(logits: np.ndarray, splits: int = IS_SPLITS, shuffle_seed: i
     rows [i N / splits, (i+1) N / splits), score exp(mean KL(p(y|x) || p(y))) per split. The ADM
     evaluator also uses 10 splits (of its first 50k samples, not shuffled).
     """
-    import torch
-    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_isc import isc_features_to_metric  # imported on use: torch-fidelity loads in ~1 s
 
     if len(logits) < splits:
         raise UCGMError(f"Inception Score: need at least {splits} samples for {splits} splits, got {len(logits)}")
@@ -163,14 +163,6 @@ class ReferenceStats:
     def describe(self) -> dict[str, Any]:
         """What results.json records about the reference."""
         return {"path": self.path, "sha256": self.sha256, "format": self.format, **self.meta}
-
-
-def sha256_file(path: Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_mu_sigma(mu: Any, sigma: Any, source: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -230,8 +222,6 @@ def _numpy_safe_globals() -> list[Any]:
 
 
 def _read_torch_fidelity(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], str]:
-    import torch
-
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -254,8 +244,6 @@ def _read_torch_fidelity(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, 
 
 def _read_edm2_pickle(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], str]:
     """EDM2's dataset refs (calculate_metrics.py save_stats): pickle of {num_images, fid: {mu, sigma}, ...}."""
-    from .safe_pickle import read_pickle
-
     obj = read_pickle(path)  # restricted: numpy arrays and plain containers only, never code
     fid = obj.get("fid") if isinstance(obj, Mapping) else None
     if not isinstance(fid, Mapping) or not {"mu", "sigma"} <= set(fid):

@@ -1,0 +1,1 @@
+"""Sample-quality metrics: Frechet distances, Inception Score and the feature networks they use."""

@@ -1,0 +1,54 @@
+"""UCGM-T tuning settings: optimizer, objective (`uc.UCGMObjective`) and schedule of `ucgm tune`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar
+
+import annotated_types as at
+from pydantic import BeforeValidator, Field
+
+from .base import UNIT, Bool, Float, Int, Settings, checked, choice, floats
+
+OPTIMIZERS = ("RAdam", "Adam", "AdamW")
+
+
+class TuningSettings(Settings):
+    """UCGM-T few-step tuning settings; field names are the `ucgm tune` flags (--lr, --huber-eps, ...)."""
+
+    optimizer: choice(*OPTIMIZERS) = Field(default="RAdam", description="Optimizer: RAdam, Adam or AdamW.")  # type: ignore[valid-type]
+    lr: Float = Field(default=1e-4, gt=0.0, description="Learning rate.")
+    betas: floats(2, at.Ge(0.0), at.Lt(1.0)) = Field(  # type: ignore[valid-type]
+        default=(0.9, 0.999), description="'b1,b2' of the optimizer.")
+    weight_decay: Float = Field(default=0.0, ge=0.0, description="Weight decay.")
+    grad_clip: Float = Field(default=0.1, gt=0.0, description="Max gradient norm (clipping).")
+    consistency: Float = Field(default=1.0, ge=0.0, le=1.0,
+                               description="Consistency ratio in [0, 1] (1 = central differences).")
+    enhanced: Float = Field(ge=0.0, description="Enhanced-target ratio (>= 0).")
+    enhanced_range: checked(floats(2, *UNIT), lambda v: v[0] <= v[1], "with lo <= hi") = Field(  # type: ignore[valid-type]
+        default=(0.0, 0.75), description="'lo,hi' times where targets are enhanced.")
+    huber_eps: Float = Field(ge=0.0, description="Pseudo-Huber c (>= 0; 0 = L2).")
+    label_drop: Float = Field(default=0.1, ge=0.0, le=1.0,
+                              description="Fraction of labels dropped to the null class.")
+    time_beta: floats(3, at.Gt(0.0)) = Field(  # type: ignore[valid-type]
+        default=(0.8, 1.0, 1.0), description="'a,b,scale': training times t ~ Beta(a, b) x scale, clamped to [0, 1].")
+    weighting: Annotated[choice("Cosine", "none"), BeforeValidator(lambda v: "none" if v is None else v)] = Field(  # type: ignore[valid-type]
+        default="Cosine", description="Loss weighting over time: Cosine (cos(1.57 t)) or none.")
+    cosine_loss: Bool = Field(default=False, description="Add the cosine-similarity loss term.")
+    teacher: choice("frozen", "online") = Field(  # type: ignore[valid-type]
+        default="frozen", description="frozen (copy of the initial model) or online (the student).")
+    ema_decay: Float = Field(default=0.99, ge=0.0, le=1.0, description="EMA decay per step of the saved weights.")
+    steps: Int = Field(default=500, ge=1, description="Optimizer steps.")
+    global_batch: Int = Field(default=1024, ge=1, description="Samples per optimizer step over all processes.")
+
+    OBJECTIVE_KEYS: ClassVar[tuple[str, ...]] = (
+        "consistency", "enhanced", "enhanced_range", "label_drop", "huber_eps", "cosine_loss", "weighting",
+    )
+
+    def objective_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `uc.UCGMObjective` except transport and num_classes."""
+        kwargs = {key: getattr(self, key) for key in self.OBJECTIVE_KEYS}
+        return {**kwargs, "weighting": None if self.weighting == "none" else self.weighting, "time_dist": self.time_beta}
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `torch.optim.<optimizer>(params, ...)` (lr, betas, weight_decay)."""
+        return {"lr": self.lr, "betas": self.betas, "weight_decay": self.weight_decay}
