@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from ucgm_convert.errors import UCGMError
-from ucgm_convert.model import GenerativeModel, ModelConfig
-from ucgm_convert.formats.torch_files import read_torch
 from ucgm_convert.formats.statedict import load_state_dict_strict
+from ucgm_convert.formats.torch_files import read_torch
+from ucgm_convert.model import GenerativeModel, ModelConfig
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 

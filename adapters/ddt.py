@@ -18,13 +18,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ucgm_convert.adapters.common import (
+    block_count,
+    checkpoint_to_load,
+    dit_config,
+    find_checkpoint,
+    frozen_model,
+    given_overrides,
+    meta_network,
+)
 from ucgm_convert.adapters.family import IMAGENET, Family, License
-from ucgm_convert.adapters.common import (block_count, checkpoint_to_load, dit_config, find_checkpoint,
-                                          frozen_model, given_overrides, meta_network)
 from ucgm_convert.errors import UCGMError
+from ucgm_convert.formats.torch_files import is_torch_zip, read_torch, strip_prefix
 from ucgm_convert.model import GenerativeModel
 from ucgm_convert.nets.ddt import DDT
-from ucgm_convert.formats.torch_files import is_torch_zip, read_torch, strip_prefix
 
 NAME = "ddt"
 ARCH = "ddt"

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ucgm_convert.adapters.family import IMAGENET, Family, License
 from ucgm_convert.adapters.common import frozen_model, given_overrides, meta_network
+from ucgm_convert.adapters.family import IMAGENET, Family, License
 from ucgm_convert.errors import UCGMError
+from ucgm_convert.formats.safe_pickle import PersistentRecord, clear_pickle_cache, module_tensors, read_pickle
 from ucgm_convert.model import GenerativeModel, ModelConfig
 from ucgm_convert.nets.edm2 import EDM2UNet
-from ucgm_convert.formats.safe_pickle import PersistentRecord, clear_pickle_cache, module_tensors, read_pickle
 
 NAME = "edm2"
 ARCH = "edm2-unet"

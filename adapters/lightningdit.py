@@ -21,14 +21,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ucgm_convert.adapters.common import (
+    channel_stats,
+    checkpoint_to_load,
+    dit_config,
+    dit_geometry,
+    find_checkpoint,
+    frozen_model,
+    given_overrides,
+    label_classes,
+    meta_network,
+    require_keys,
+    shape_error,
+    size_table_heads,
+)
 from ucgm_convert.adapters.family import IMAGENET, Family, License
-from ucgm_convert.adapters.common import (channel_stats, checkpoint_to_load, dit_config, dit_geometry,
-                                          find_checkpoint, frozen_model, given_overrides, label_classes, meta_network,
-                                          require_keys, shape_error, size_table_heads)
 from ucgm_convert.errors import UCGMError
+from ucgm_convert.formats.torch_files import is_torch_zip, read_torch, tensor_dict
 from ucgm_convert.model import GenerativeModel
 from ucgm_convert.nets.lightningdit import LightningDiT
-from ucgm_convert.formats.torch_files import is_torch_zip, read_torch, tensor_dict
 
 NAME = "lightningdit"
 ARCH = "lightningdit"

@@ -25,13 +25,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ucgm_convert.adapters.common import (
+    channel_stats,
+    dit_config,
+    dit_geometry,
+    frozen_model,
+    given_overrides,
+    label_classes,
+    meta_network,
+    require_keys,
+    shape_error,
+    size_table_heads,
+)
 from ucgm_convert.adapters.family import IMAGENET, Family, License
-from ucgm_convert.adapters.common import (channel_stats, dit_config, dit_geometry, frozen_model, given_overrides,
-                                          label_classes, meta_network, require_keys, shape_error, size_table_heads)
 from ucgm_convert.errors import UCGMError
+from ucgm_convert.formats.torch_files import read_torch, tensor_dict
 from ucgm_convert.model import GenerativeModel
 from ucgm_convert.nets.sit import SiT
-from ucgm_convert.formats.torch_files import read_torch, tensor_dict
 from ucgm_convert.vae import vae_only
 
 NAME = "repa-e"

@@ -70,8 +70,10 @@ def repa_e_container(ema: dict[str, Tensor]) -> dict[str, Any]:
     """train_repae.py's checkpoint: `model` shares the EMA's storage (stored once), small `vae` stand-in."""
     hidden, channels = SIT_XL1["hidden_size"], SIT_XL1["in_channels"]
     extra = random_like({
-        "projectors.0.0.weight": torch.Size([PROJECTOR_DIM, hidden]), "projectors.0.0.bias": torch.Size([PROJECTOR_DIM]),
-        "projectors.0.2.weight": torch.Size([PROJECTOR_DIM, PROJECTOR_DIM]), "projectors.0.2.bias": torch.Size([PROJECTOR_DIM]),
+        "projectors.0.0.weight": torch.Size([PROJECTOR_DIM, hidden]),
+        "projectors.0.0.bias": torch.Size([PROJECTOR_DIM]),
+        "projectors.0.2.weight": torch.Size([PROJECTOR_DIM, PROJECTOR_DIM]),
+        "projectors.0.2.bias": torch.Size([PROJECTOR_DIM]),
         "projectors.0.4.weight": torch.Size([Z_DIM, PROJECTOR_DIM]), "projectors.0.4.bias": torch.Size([Z_DIM]),
     }, seed=1)
     ema.update(extra)

@@ -67,7 +67,8 @@ DEFAULT_SAMPLING: dict[str, Any] = {
 }
 
 
-def build_config(hidden_size: int, depth: int, num_heads: int, sampling: dict[str, Any] | None = None) -> uc.ModelConfig:
+def build_config(hidden_size: int, depth: int, num_heads: int,
+                 sampling: dict[str, Any] | None = None) -> uc.ModelConfig:
     """The demo model's config: a SiT on 3x16x16 pixels (identity VAE), Linear transport, 10 classes."""
     return uc.ModelConfig(
         family="ucgm",
@@ -306,11 +307,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset-size", type=int, default=d["dataset_size"], help="training images (default %(default)s)")
     p.add_argument("--ema-decay", type=float, default=d["ema_decay"], help="EMA decay per step (default %(default)s)")
     p.add_argument("--warmup", type=int, default=d["warmup"], help="lr warmup steps (default %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay (default %(default)s)")
-    p.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="max grad norm, 0 = off (default %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"],
+                   help="AdamW weight decay (default %(default)s)")
+    p.add_argument("--grad-clip", type=float, default=d["grad_clip"],
+                   help="max grad norm, 0 = off (default %(default)s)")
     p.add_argument("--time-dist", type=float, nargs=3, default=d["time_dist"], metavar=("A", "B", "SCALE"),
                    help="training times t ~ Beta(A, B) * SCALE (default %(default)s)")
-    p.add_argument("--label-drop", type=float, default=d["label_drop"], help="null-label ratio for CFG (default %(default)s)")
+    p.add_argument("--label-drop", type=float, default=d["label_drop"],
+                   help="null-label ratio for CFG (default %(default)s)")
     p.add_argument("--log-every", type=int, default=100, help="print the loss every N steps (default %(default)s)")
     p.add_argument("--save-every", type=int, default=0, help="also save every N steps, 0 = only at the end")
     p.add_argument("--threads", type=int, default=d["threads"],

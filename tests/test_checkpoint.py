@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 
 import ucgm_convert as uc
-from conftest import tiny_model
 from ucgm_convert.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 

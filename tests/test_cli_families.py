@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
+from test_adapter_lightningdit import write_checkpoint as write_lightningdit
 from typer.testing import CliRunner
 
 import ucgm_convert as uc
@@ -33,9 +35,6 @@ from ucgm_convert.images import grid_image
 from ucgm_convert.nets.ldm_vae import ldm_to_diffusers
 from ucgm_convert.recipe import load_recipe
 from ucgm_convert.settings import SamplingSettings
-
-from conftest import tiny_model
-from test_adapter_lightningdit import write_checkpoint as write_lightningdit
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NUM, STEPS, SEED = 2, 2, 0

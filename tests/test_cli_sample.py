@@ -122,6 +122,7 @@ def test_bad_sources_give_one_clear_line(tmp_path: Path) -> None:
     assert code == 2 and "pass --checkpoint" in output
 
 
+@pytest.mark.slow
 def test_module_entry_point_and_help_show_defaults() -> None:
     result = subprocess.run([sys.executable, "-m", "ucgm_convert", "sample", "--help"], capture_output=True,
                             text=True, env={"COLUMNS": "200", "PATH": ""}, check=True)

@@ -136,6 +136,7 @@ def test_class_check_fails_for_an_untrained_model(classifier: Tensor, dit_init: 
 # --- training script -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_script_runs_end_to_end(tmp_path: Path) -> None:
     train_demo = _load_train_script()
     kwargs = {"steps": 3, "batch_size": 8, "lr": 1e-3, "seed": 0, "hidden_size": 32, "depth": 1, "num_heads": 2,

@@ -22,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import sigkill_when, tiny_model
 from PIL import Image
 from typer.testing import CliRunner
 
 import ucgm_convert as uc
 from ucgm_convert.cli import app
+from ucgm_convert.generation import generate_batch
 from ucgm_convert.jobs.evaluate.chunks import chunk_ranges, class_labels
 from ucgm_convert.metrics.fid import (
     frechet_distance,
@@ -35,16 +37,12 @@ from ucgm_convert.metrics.fid import (
     save_reference,
     sha256_file,
 )
-from ucgm_convert.generation import generate_batch
 from ucgm_convert.metrics.inception import (
     WEIGHTS_FILENAME,
     build_network,
     cache_path,
     load_inception,
 )
-from ucgm_convert.settings import SamplingSettings
-
-from conftest import sigkill_when, tiny_model
 
 runner = CliRunner()
 NUM, CHUNK = 10, 2  # 5 chunks of 2 samples, 2 per class
@@ -220,6 +218,7 @@ def test_eval_ref_reads_an_adm_sample_batch_like_the_image_folder(env: dict[str,
 
 # ----- sharding and resumption ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_processes_give_bit_identical_features_and_numbers(env: dict[str, Path]) -> None:
     out = env["root"] / "two"
     result = subprocess.run([sys.executable, "-m", "ucgm_convert", *fid_args(env["ckpt"], env["ref"], env["weights"],
@@ -231,6 +230,7 @@ def test_two_processes_give_bit_identical_features_and_numbers(env: dict[str, Pa
     assert_same_features(out, env["base"])
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_numbers(env: dict[str, Path]) -> None:
     out = env["root"] / "killed"
     args = fid_args(env["ckpt"], env["ref"], env["weights"], out)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
+from fake_hub import FakeHub, populate_cache
 from huggingface_hub import ModelCard, constants
 from typer.testing import CliRunner
 
@@ -26,9 +28,6 @@ import ucgm_convert as uc
 from ucgm_convert.cli import app
 from ucgm_convert.hub import CARD_MARKER, inspect_checkpoint, make_model_card, push_to_hub
 from ucgm_convert.recipe import load_recipe
-
-from conftest import tiny_model
-from fake_hub import FakeHub, populate_cache
 
 TOKEN = "hf_test_token"
 MANAGED = {".gitattributes", "model.safetensors", "config.json", "recipe.yaml", "results.json", "README.md"}
@@ -299,6 +298,7 @@ def test_not_cached_offline_is_a_clear_error(hf_env: Path, monkeypatch: pytest.M
         uc.load("alice/never-pushed")
 
 
+@pytest.mark.slow
 def test_cli_sample_offline_subprocess_matches_local_folder(hub: FakeHub, hf_env: Path, folder: Path,
                                                             tmp_path: Path) -> None:
     push_to_hub(folder, "alice/tiny", token=TOKEN)

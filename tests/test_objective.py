@@ -104,8 +104,8 @@ class Net(nn.Module):
 
 def make_data(batch=8, shape=SHAPE, seed=1, dtype=torch.float64, scale=0.3):
     gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn((batch,) + shape, generator=gen) * scale).to(dtype)
-    z = (torch.randn((batch,) + shape, generator=gen) * scale).to(dtype)
+    x = (torch.randn((batch, *shape), generator=gen) * scale).to(dtype)
+    z = (torch.randn((batch, *shape), generator=gen) * scale).to(dtype)
     y = torch.randint(0, NC, (batch,), generator=gen)
     return x, y, z
 

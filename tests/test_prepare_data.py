@@ -45,7 +45,7 @@ def make_tree(root: Path) -> Path:
     """3 classes x 5 images (jpg / png, RGB / L / RGBA / P) + dog/broken.jpg + cat/notes.txt + README.md."""
     rng = np.random.default_rng(0)
     modes = ["RGB", "L", "RGBA", "RGB", "P"]
-    for c, name in enumerate(CLASSES):
+    for _c, name in enumerate(CLASSES):
         (root / name).mkdir(parents=True)
         for i, (w, h) in enumerate(SIZES):
             img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(modes[i])
@@ -235,6 +235,7 @@ def test_resume_is_byte_identical(tree: Path, tiny_vae: Path, tmp_path: Path, mo
     assert result.encoded_shards == [2, 3] and json.loads((out / "meta.json").read_text())["num_samples"] == 15
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tree: Path, tiny_vae: Path, tmp_path: Path) -> None:
     """torchrun with 2 gloo processes (unfinished shards round-robin, rank 0 writes meta.json), resuming a
     folder with one finished shard, gives the same bytes as 1 process."""

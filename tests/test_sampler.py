@@ -10,6 +10,7 @@ The expected values come from three independent sources, never from the library 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -162,7 +163,7 @@ def ref_uni_sample(
     x_hats, z_hats = [], []
     x_cur = noise.to(torch.float64)
     samples = [noise]
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+    for i, (t_cur, t_next) in enumerate(itertools.pairwise(t_steps)):
         x_hat, z_hat = forward(x_cur.to(torch.float32), t_cur.to(torch.float32))
         samples.append(x_hat)
         x_hat, z_hat = x_hat.to(torch.float64), z_hat.to(torch.float64)
@@ -315,7 +316,7 @@ def test_gaussian_deterministic_sampling_converges(name):
     limit_gap = ((mean_lim - data.mu).abs().max() + (var_lim - data.s**2).abs().max()).item()
     assert limit_gap < floor
     # error decreases with steps at the first-order rate (x4 steps -> about /4) ...
-    for coarse, fine in zip(errors, errors[1:]):
+    for coarse, fine in itertools.pairwise(errors):
         assert fine < 0.4 * coarse, errors
     assert 0.15 < errors[-1] / errors[-2] < 0.35, errors
     # ... and is small at many steps, against the limit and against the truth

@@ -17,18 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import sigkill_when, tiny_model
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import ucgm_convert as uc
 from ucgm_convert.cli import app
 from ucgm_convert.formats.latent_folder import write_latent_folder
-from ucgm_convert.jobs.tune.data import batch_indices
-from ucgm_convert.recipe import load_recipe
 from ucgm_convert.jobs.tune import TuneConfig, TuneDiverged, chunk_seed, latest_checkpoint
 from ucgm_convert.jobs.tune import run as tune
-
-from conftest import sigkill_when, tiny_model
+from ucgm_convert.jobs.tune.data import batch_indices
+from ucgm_convert.recipe import load_recipe
 
 runner = CliRunner()
 N = 48  # dataset size
@@ -159,6 +158,7 @@ def test_one_step_is_the_mean_over_chunks_of_the_objective(setup: dict[str, Path
         torch.testing.assert_close(state(out / "last")["student"][name], value, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_equals_uninterrupted_run(setup: dict[str, Path]) -> None:
     steps = 40
     killed = setup["tmp"] / "killed"

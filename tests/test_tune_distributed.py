@@ -15,7 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import load_file
 
 import ucgm_convert as uc
@@ -23,7 +25,7 @@ from ucgm_convert.formats.latent_folder import write_latent_folder
 from ucgm_convert.jobs.tune import TuneConfig
 from ucgm_convert.jobs.tune import run as tune
 
-from conftest import tiny_model
+pytestmark = pytest.mark.slow  # several processes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,9 +12,9 @@ from .sampler import count_nfe, sample, time_grid
 from .transports import TRANSPORTS, Transport, get_transport
 
 __all__ = [
+    "TRANSPORTS",
     "GenerativeModel",
     "ModelConfig",
-    "TRANSPORTS",
     "Transport",
     "UCGMError",
     "UCGMObjective",

@@ -18,10 +18,10 @@ from pydantic import AfterValidator, Field
 
 from .adapters import family_names
 from .errors import UCGMError
-from .transports import TRANSPORTS, get_transport
 from .settings.base import Describe, Float, Int, NonEmpty, Settings, SettingsError
 from .settings.sampling import SamplingSettings
 from .settings.tuning import TuningSettings
+from .transports import TRANSPORTS, get_transport
 
 if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+; annotations only
     from importlib.resources.abc import Traversable
@@ -128,7 +128,7 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 def parse_yaml(text: str, where: str) -> Any:
     """Safe YAML with duplicate keys refused; a syntax error names the file, line and column."""
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         problem = getattr(err, "problem", None) or str(err)
@@ -161,7 +161,8 @@ def recipe_path(name_or_path: str | Path) -> Traversable | Path:
     entry = shipped.get(str(name_or_path).strip().lower())
     if entry is None:
         known = ", ".join(sorted(shipped))
-        raise UCGMError(f"unknown recipe {str(name_or_path)!r}; known recipes: {known} (or pass a path to a .yaml file)")
+        raise UCGMError(f"unknown recipe {str(name_or_path)!r}; known recipes: {known} "
+                        "(or pass a path to a .yaml file)")
     return entry
 
 

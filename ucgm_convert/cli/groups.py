@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..hub.upload import PushConfig
 from ..jobs.convert import ConvertConfig
 from ..jobs.evaluate import EvalConfig, RefConfig
 from ..jobs.prepare import PrepareConfig
@@ -21,3 +22,4 @@ EVAL_REF = Group(RefConfig, arguments=("source",))
 TUNE = Group(TuneConfig, sections={"source": SOURCE, "arch": ARCH, "tuning": TUNING})
 PREPARE = Group(PrepareConfig, sections={"source": SOURCE, "arch": ARCH}, arguments=("images",))
 CONVERT = Group(ConvertConfig, sections={"arch": ARCH}, arguments=("checkpoint",))
+PUSH = Group(PushConfig, flags={"message": ("--message", "-m")}, arguments=("folder",))

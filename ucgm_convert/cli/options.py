@@ -36,7 +36,7 @@ def _base(annotation: Any) -> tuple[Any, bool]:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         optional = len(options) < len(typing.get_args(hint))
-        hint = _split(options[0], [])[0] if len(options) == 1 else typing.Union[tuple(options)]  # noqa: UP007
+        hint = _split(options[0], [])[0] if len(options) == 1 else typing.Union[tuple(options)]
         return hint, optional
     return hint, False
 
@@ -55,6 +55,8 @@ def _cli_type(annotation: Any) -> tuple[Any, str | None]:
         return str, "|".join(map(str, typing.get_args(hint)))
     if typing.get_origin(hint) is tuple:
         return str, ",".join(["FLOAT"] * len(typing.get_args(hint)))
+    if typing.get_origin(hint) is list and typing.get_args(hint) and _base(typing.get_args(hint)[0])[0] is Path:
+        return list[Path], "PATH"  # a repeatable option
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return str, "|".join(_cli_type(a)[1] or _TYPE_NAMES.get(_base(a)[0], "TEXT") for a in typing.get_args(hint))
     return str, "TEXT"
@@ -98,7 +100,7 @@ class Group:
             kind, metavar = _cli_type(info.annotation)
             metavar = _metavar(info, metavar)
             required = info.is_required()
-            default = ... if required else info.default
+            default = ... if required else info.get_default(call_default_factory=True)
             help_text = " ".join(t for t in (info.description or "", self.note) if t)
             if name in self.arguments:
                 option = typer.Argument(default, help=help_text, metavar=metavar or name.upper(),
@@ -108,8 +110,8 @@ class Group:
                 if kind is bool:
                     spellings = tuple(f"{s}/--no-{s[2:]}" for s in spellings[:1]) + spellings[1:]
                 option = typer.Option(default, *spellings, help=help_text, metavar=metavar,
-                                      show_default=not required and default is not None)
-            annotation = kind if required or default is not None else typing.Optional[kind]  # noqa: UP045
+                                      show_default=not required and default not in (None, []))
+            annotation = kind if required or default is not None else typing.Optional[kind]
             params.append(inspect.Parameter(f"{prefix}__{name}", inspect.Parameter.KEYWORD_ONLY, default=option,
                                             annotation=annotation))
         return params

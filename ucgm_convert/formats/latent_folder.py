@@ -33,7 +33,7 @@ from ..errors import UCGMError
 from ..foundation import write_file_atomic
 from ..settings import VaeSpec
 
-__all__ = ["LatentFolder", "META_NAME", "shard_name", "write_latent_folder"]
+__all__ = ["META_NAME", "LatentFolder", "shard_name", "write_latent_folder"]
 
 META_NAME = "meta.json"
 META_KEYS = ("num_samples", "latent_shape", "num_classes", "latent_mean", "latent_std", "vae", "shards")
@@ -53,7 +53,8 @@ class LatentFolder:
         if not self.folder.exists():
             raise UCGMError(f"{where}: no such folder (make one with `ucgm prepare-data`, or pass --data demo)")
         if not self.folder.is_dir():
-            raise UCGMError(f"{where}: not a folder; expected a prepared latent folder (meta.json + shard-*.safetensors)")
+            raise UCGMError(f"{where}: not a folder; expected a prepared latent folder "
+                            "(meta.json + shard-*.safetensors)")
         if not any(self.folder.iterdir()):
             raise UCGMError(f"{where}: the folder is empty; expected meta.json + shard-*.safetensors "
                             "(made by `ucgm prepare-data`)")
@@ -125,7 +126,8 @@ class LatentFolder:
 
     @property
     def description(self) -> str:
-        return f"{self.folder} ({self.num_samples} latents of shape {list(self.latent_shape)}, {len(self._slices)} shard(s))"
+        return (f"{self.folder} ({self.num_samples} latents of shape {list(self.latent_shape)}, "
+                f"{len(self._slices)} shard(s))")
 
     def get(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """Rows `indices` as (latents [n, C, H, W] float32, labels [n] int64)."""

@@ -24,8 +24,15 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
 
 from ..adapters import FAMILIES, IMAGENET, UNKNOWN_LICENSE, License
-from ..checkpoint import CARD_NAME, CONFIG_NAME, RECIPE_NAME, VAE_WEIGHTS_NAME, WEIGHTS_NAME, load_checkpoint, \
-    read_config
+from ..checkpoint import (
+    CARD_NAME,
+    CONFIG_NAME,
+    RECIPE_NAME,
+    VAE_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    load_checkpoint,
+    read_config,
+)
 from ..errors import UCGMError
 from ..formats.statedict import state_sha256
 from ..foundation import one_line, write_text_atomic
@@ -37,7 +44,8 @@ UCGM_URL = "https://github.com/LINs-lab/UCGM"
 UNCONDITIONAL_TAG = "unconditional-image-generation"
 TASK = "class-conditional-image-generation"  # model-index task type (free text on the Hub)
 BASE_TAGS = ("diffusion", "flow-matching", "few-step", "ucgm", "image-generation")
-CARD_MARKER = "<!-- ucgm-convert: generated model card; `ucgm push` regenerates it. Delete this line to keep hand edits. -->"
+CARD_MARKER = ("<!-- ucgm-convert: generated model card; `ucgm push` regenerates it. "
+               "Delete this line to keep hand edits. -->")
 # Cards written by earlier versions of `ucgm tune` start like this (and are ours too).
 GENERATED_CARD_SIGNATURES = (CARD_MARKER, "Few-step generator made by `ucgm tune")
 CardPolicy = Literal["auto", "overwrite", "keep"]

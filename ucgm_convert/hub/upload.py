@@ -12,16 +12,58 @@ from pathlib import Path
 import httpx2
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from pydantic import Field
 
 from .._version import __version__
 from ..checkpoint import CARD_NAME, CONFIG_NAME, RECIPE_NAME, RESULTS_NAME, VAE_WEIGHTS_NAME, WEIGHTS_NAME
 from ..errors import UCGMError
 from ..foundation import one_line
-from .card import LIBRARY_NAME, CardPolicy, card_needs_writing, inspect_checkpoint, make_model_card, \
-    validate_repo_id, write_model_card
+from ..settings.base import Bool, Settings
+from .card import (
+    LIBRARY_NAME,
+    CardPolicy,
+    card_needs_writing,
+    inspect_checkpoint,
+    make_model_card,
+    validate_repo_id,
+    write_model_card,
+)
 
 # Files of our format that a push uploads; anything else in the folder stays local.
 UPLOAD_FILES = (WEIGHTS_NAME, VAE_WEIGHTS_NAME, CONFIG_NAME, RECIPE_NAME, RESULTS_NAME, CARD_NAME)
+
+
+class PushConfig(Settings):
+    """What `ucgm push` needs; `push_to_hub(**config.arguments())` does it."""
+
+    folder: Path = Field(description="Checkpoint folder in the ucgm-convert format (model.safetensors + "
+                         "config.json), as `ucgm tune` / `ucgm convert` write it.")
+    repo: str = Field(description="Hub model repo id USER/NAME (created if missing).")
+    private: Bool = Field(default=False, description="Create the repo private (an existing repo keeps its "
+                          "visibility).")
+    token: str | None = Field(default=None, description="Hub token with write access. Default: $HF_TOKEN, else "
+                              "the `hf auth login` token.")
+    base_model: str | None = Field(default=None, description="Hub id of the source model (card metadata "
+                                   "base_model). Default: config.json's, if recorded.")
+    license: str | None = Field(default=None, description="Hub license id for the card (e.g. mit, "
+                                "cc-by-nc-sa-4.0). Default: the source family's.")
+    overwrite_card: Bool = Field(default=False, description="Replace a hand-written README.md with the "
+                                 "generated card.")
+    keep_card: Bool = Field(default=False, description="Upload an existing README.md unchanged.")
+    results: list[Path] = Field(default_factory=list, description="More results.json files (e.g. from `ucgm eval "
+                                "fid --out ELSEWHERE`) for the card; repeatable. FOLDER/results.json is always used.")
+    message: str | None = Field(default=None, description="Commit message.")
+    dry_run: Bool = Field(default=False, description="Validate and write README.md only; upload nothing (no token "
+                          "needed).")
+
+    def arguments(self) -> dict[str, object]:
+        """Keyword arguments of `push_to_hub`."""
+        if self.overwrite_card and self.keep_card:
+            raise UCGMError("--overwrite-card and --keep-card exclude each other")
+        policy = "overwrite" if self.overwrite_card else "keep" if self.keep_card else "auto"
+        return {"folder": self.folder, "repo_id": self.repo, "token": self.token, "private": self.private,
+                "base_model": self.base_model, "license": self.license, "card": policy,
+                "commit_message": self.message, "dry_run": self.dry_run, "results": tuple(self.results)}
 
 
 

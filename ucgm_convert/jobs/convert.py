@@ -7,8 +7,15 @@ from pathlib import Path
 
 from pydantic import Field
 
-from ..checkpoint import CARD_NAME, CONFIG_NAME, RECIPE_NAME, RESULTS_NAME, VAE_WEIGHTS_NAME, WEIGHTS_NAME, \
-    save_checkpoint
+from ..checkpoint import (
+    CARD_NAME,
+    CONFIG_NAME,
+    RECIPE_NAME,
+    RESULTS_NAME,
+    VAE_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    save_checkpoint,
+)
 from ..console import SILENT, Reporter
 from ..foundation import output_folder
 from ..loading import load

@@ -111,7 +111,7 @@ class FeatureStats:
         self.total += y.sum(axis=0)
         self.outer += y.T @ y
         if self.rows is not None:
-            self.rows = self.rows + [f] if self.n <= self.dim else None
+            self.rows = [*self.rows, f] if self.n <= self.dim else None
 
     def mu_sigma(self) -> tuple[np.ndarray, np.ndarray]:
         if self.n < 2 or self.shift is None:
@@ -128,7 +128,8 @@ class FeatureStats:
         return ((x - x.mean(axis=0)) / np.sqrt(self.n - 1)).T
 
 
-def inception_score(logits: np.ndarray, splits: int = IS_SPLITS, shuffle_seed: int = IS_SHUFFLE_SEED) -> tuple[float, float]:
+def inception_score(logits: np.ndarray, splits: int = IS_SPLITS,
+                    shuffle_seed: int = IS_SHUFFLE_SEED) -> tuple[float, float]:
     """Inception Score (mean, std over `splits`) of unbiased logits, exactly as torch-fidelity computes it.
 
     torch-fidelity: rows shuffled with np.random.RandomState(2020), softmax in float64, split i is

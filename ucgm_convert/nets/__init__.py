@@ -12,7 +12,9 @@ from .edm2 import EDM2UNet
 from .lightningdit import LightningDiT
 from .sit import SiT
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"sit": SiT, "edm2-unet": EDM2UNet, "ddt": DDT, "lightningdit": LightningDiT}
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "sit": SiT, "edm2-unet": EDM2UNet, "ddt": DDT, "lightningdit": LightningDiT,
+}
 
 
 def build_network(arch: str, **hparams: Any) -> nn.Module:

@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 import annotated_types as at
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, create_model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    create_model,
+)
 
 from ..errors import UCGMError
 
@@ -241,8 +250,7 @@ def _first_error(model: type[BaseModel], err: ValidationError, data: Any) -> Set
         path.append(part)
         info = fields[part]
         value = value.get(part) if isinstance(value, Mapping) else getattr(value, part, None)
-        hint, meta = _split(info.annotation, info.metadata)
-        nested = _nested_model(hint)
+        nested = _nested_model(_split(info.annotation, info.metadata)[0])
         if nested is not None and isinstance(value, Mapping):
             if part != loc[-1]:
                 cls = nested
@@ -274,7 +282,7 @@ def _without_none(hint: Any) -> Any:
     """X for X | None (an override's None means "not given", not a value to offer)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
-        return options[0] if len(options) == 1 else typing.Union[tuple(options)]  # noqa: UP007
+        return options[0] if len(options) == 1 else typing.Union[tuple(options)]
     return hint
 
 

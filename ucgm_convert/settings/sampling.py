@@ -34,7 +34,8 @@ class SamplingSettings(Settings):
     time_dist: floats(3, at.Gt(0.0)) = Field(  # type: ignore[valid-type]
         default=(1.0, 1.0, 1.0), description="'a,b,c': Kumaraswamy warp (1-(1-u^a)^b)^c of the time grid.")
     gaps: Gaps = Field(default=(0.001, 0.001), description="'start,end' gaps of the time grid (each >= 0).")
-    cfg_scale: Annotated[Float, _NO_CFG] = Field(default=1.0, gt=0.0, description="Classifier-free guidance scale; 1.0 = off.")
+    cfg_scale: Annotated[Float, _NO_CFG] = Field(default=1.0, gt=0.0,
+                                                 description="Classifier-free guidance scale; 1.0 = off.")
     cfg_interval: Interval = Field(
         default=(0.0, 1.0), description="'lo,hi': times (model convention, 0..1) where guidance applies.")
     # "model": the channels the model's family guides (LightningDiT's published guidance: the

@@ -47,7 +47,8 @@ class TuningSettings(Settings):
     def objective_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `uc.UCGMObjective` except transport and num_classes."""
         kwargs = {key: getattr(self, key) for key in self.OBJECTIVE_KEYS}
-        return {**kwargs, "weighting": None if self.weighting == "none" else self.weighting, "time_dist": self.time_beta}
+        weighting = None if self.weighting == "none" else self.weighting
+        return {**kwargs, "weighting": weighting, "time_dist": self.time_beta}
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `torch.optim.<optimizer>(params, ...)` (lr, betas, weight_decay)."""

@@ -196,7 +196,8 @@ def compute_chunks(
         chunk_labels = labels[r.start:r.stop]
         images = generate(r, chunk_labels)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != len(r) or images.shape[-1] != 3:
-            raise UCGMError(f"generator returned {images.dtype} {list(images.shape)}; expected uint8 [{len(r)}, H, W, 3]")
+            raise UCGMError(f"generator returned {images.dtype} {list(images.shape)}; "
+                            f"expected uint8 [{len(r)}, H, W, 3]")
         if expected_res is not None and tuple(images.shape[1:3]) != expected_res:
             raise UCGMError(f"samples are {images.shape[1]}x{images.shape[2]} but the reference was made from "
                             f"{expected_res[0]}x{expected_res[1]} images; use the reference for this resolution")

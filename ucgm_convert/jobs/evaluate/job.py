@@ -20,16 +20,24 @@ from pydantic import Field
 from ... import distributed
 from ...checkpoint import RESULTS_NAME
 from ...console import SILENT, Reporter
-from ...foundation import DTYPES, output_folder, resolve_device
 from ...formats.statedict import state_sha256
+from ...foundation import DTYPES, output_folder, resolve_device
 from ...generation import batches, generate_batch
 from ...metrics.fid import FEATURE_DIM, load_reference
 from ...metrics.inception import load_inception
 from ...settings import SamplingSettings
 from ...settings.base import Bool, Int, Settings, choice
 from ..source import ArchOverrides, ModelSource, Resolved, SamplingOverrides, resolve
-from .chunks import CLASS_SAMPLING, FEATURES_DIR, MANIFEST_NAME, ChunkPlan, Generator, chunk_ranges, class_labels, \
-    compute_chunks
+from .chunks import (
+    CLASS_SAMPLING,
+    FEATURES_DIR,
+    MANIFEST_NAME,
+    ChunkPlan,
+    Generator,
+    chunk_ranges,
+    class_labels,
+    compute_chunks,
+)
 from .results import IMAGES_DIR, SAMPLES_NPZ, finalize, versions
 
 OWNED = (MANIFEST_NAME, RESULTS_NAME, FEATURES_DIR, IMAGES_DIR, SAMPLES_NPZ)

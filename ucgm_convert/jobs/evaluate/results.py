@@ -20,8 +20,15 @@ from ..._version import __version__
 from ...checkpoint import RESULTS_NAME
 from ...errors import UCGMError
 from ...foundation import write_file_atomic
-from ...metrics.fid import FEATURE_DIM, IS_SHUFFLE_SEED, IS_SPLITS, FeatureStats, ReferenceStats, frechet_distance, \
-    inception_score
+from ...metrics.fid import (
+    FEATURE_DIM,
+    IS_SHUFFLE_SEED,
+    IS_SPLITS,
+    FeatureStats,
+    ReferenceStats,
+    frechet_distance,
+    inception_score,
+)
 from ...vae import UINT8_RULE
 from .chunks import CLASS_SAMPLING, ChunkPlan, ChunkStore
 

@@ -72,7 +72,7 @@ class Pipeline:
     def _load(self, rel: str) -> np.ndarray | str:
         try:
             return load_image(self.root / rel, self.resolution)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is reported and skipped
+        except Exception as err:
             return f"{type(err).__name__}: {err}".replace("\n", " ").replace("\t", " ")
 
     def __iter__(self) -> Iterator[np.ndarray | str]:

@@ -36,7 +36,7 @@ from ...settings.model import PIXEL_RANGES
 from ...vae import encode
 from ..source import ArchOverrides, ModelSource
 from .encode import FORMAT, Pipeline, encode_shard, fingerprint, measured_statistics, remove_temps, shard_info
-from .images import list_images, shown, to_pixel_range
+from .images import ImageList, list_images, shown, to_pixel_range
 from .vae import ResolvedVae, resolve_vae
 
 SKIPPED_NAME = "skipped.txt"
@@ -121,15 +121,34 @@ def _latent_shape(resolved: ResolvedVae, device: torch.device) -> tuple[int, int
     return shape  # type: ignore[return-value]
 
 
+def _finished_shards(out: Path, fingerprints: list[str], overwrite: bool) -> dict[int, dict[str, Any]]:
+    """The shards already in `out` with this run's fingerprint; shards of other settings are an error unless
+    `overwrite` (every process checks all, so all agree on the error)."""
+    finished: dict[int, dict[str, Any]] = {}
+    stale: list[str] = []
+    for s, expected in enumerate(fingerprints):
+        path = out / shard_name(s)
+        info = shard_info(path) if path.exists() else None
+        if info is not None and info.get("fingerprint") == expected:
+            finished[s] = info
+        elif info is not None:
+            stale.append(path.name)
+    if stale and not overwrite:
+        raise UCGMError(f"--out {out}: {len(stale)} shard(s) were made from other images or settings "
+                        f"({shown(stale)}); pass a new --out, or --overwrite to encode them again")
+    return finished
+
+
 def _prepare(config: PrepareConfig, ctx: distributed.Context, reporter: Reporter) -> PrepareResult:
     t0 = time.perf_counter()
     out = config.out
     listing = list_images(config.images, config.labels, exclude=out)
     output_folder(out, OWNED, "prepared latent", resume=True)
     arch = config.arch.given()
-    resolved = resolve_vae(config.source.vae, config.source.recipe, config.source.checkpoint, arch.pop("resolution", None),
-                           config.latent_mean, config.latent_std, config.pixel_range, config.source.family, arch,
-                           device=ctx.device, dtype=DTYPES[config.dtype])
+    src = config.source
+    resolved = resolve_vae(src.vae, src.recipe, src.checkpoint, arch.pop("resolution", None), config.latent_mean,
+                           config.latent_std, config.pixel_range, src.family, arch, device=ctx.device,
+                           dtype=DTYPES[config.dtype])
     spec, res = resolved.spec, resolved.resolution
     latent_shape = _latent_shape(resolved, ctx.device)
     files, file_labels, shard_size = listing.files, listing.labels, config.shard_size
@@ -142,23 +161,7 @@ def _prepare(config: PrepareConfig, ctx: distributed.Context, reporter: Reporter
                                 file_labels[s * shard_size:(s + 1) * shard_size]) for s in range(num_shards)]
     settings = {"flip": config.flip, "sample_posterior": config.sample_posterior, "seed": config.seed,
                 "fingerprints": fingerprints}
-    # Which shards are finished (every process checks all, so all agree on the error).
-    finished: dict[int, dict[str, Any]] = {}
-    stale: list[str] = []
-    for s in range(num_shards):
-        path = out / shard_name(s)
-        if not path.exists():
-            continue
-        info = shard_info(path)
-        if info is not None and info.get("fingerprint") == fingerprints[s]:
-            finished[s] = info
-        elif info is not None:
-            stale.append(path.name)
-    if stale and not config.overwrite:
-        raise UCGMError(f"--out {out}: {len(stale)} shard(s) were made from other images or settings "
-                        f"({shown(stale)}); "
-                        "pass a new --out, or --overwrite to encode them again")
-
+    finished = _finished_shards(out, fingerprints, config.overwrite)
     # Everyone has looked before anyone writes; the unfinished shards go round-robin over the ranks
     # (which rank encodes a shard does not change its bytes).
     unfinished = [s for s in range(num_shards) if s not in finished]
@@ -174,9 +177,21 @@ def _prepare(config: PrepareConfig, ctx: distributed.Context, reporter: Reporter
     if finished:
         reporter.info(f"resuming: {len(finished)} finished shard(s) kept, {num_shards - len(finished)} to encode")
 
+    _encode(config, ctx, reporter, listing, resolved, settings, latent_shape, todo)
+    distributed.barrier(ctx)
+    meta, skipped = _finish(config, ctx, reporter, listing, resolved, latent_shape, fingerprints, t0)
+    distributed.barrier(ctx)
+    return PrepareResult(out, len(files), meta["num_samples"], num_shards, todo, reused, skipped, latent_shape,
+                         time.perf_counter() - t0, meta)
+
+def _encode(config: PrepareConfig, ctx: distributed.Context, reporter: Reporter, listing: ImageList,
+            resolved: ResolvedVae, settings: dict[str, Any], latent_shape: tuple[int, int, int],
+            todo: list[int]) -> None:
+    """Encode this process's shards `todo`, each written atomically under its final name."""
+    files, file_labels, shard_size, out = listing.files, listing.labels, config.shard_size, config.out
     total = sum(len(files[s * shard_size : (s + 1) * shard_size]) for s in todo)
     nworkers = min(8, os.cpu_count() or 1) if config.workers is None else config.workers
-    batch_size = config.batch_size
+    batch_size, res = config.batch_size, resolved.resolution
     with reporter.progress("images") as bar:
         task = bar.add_task(f"encoding (rank 0 of {ctx.world_size})" if ctx.distributed else "encoding", total=total)
         for s in todo:
@@ -191,9 +206,14 @@ def _prepare(config: PrepareConfig, ctx: distributed.Context, reporter: Reporter
                 pipeline.close()
             write_file_atomic(out / name, data)
 
-    distributed.barrier(ctx)
+
+def _finish(config: PrepareConfig, ctx: distributed.Context, reporter: Reporter, listing: ImageList,
+            resolved: ResolvedVae, latent_shape: tuple[int, int, int], fingerprints: list[str], t0: float
+            ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """After every shard exists: skipped.txt and meta.json (rank 0); (meta, every file not encoded)."""
+    out, spec, files, res = config.out, resolved.spec, listing.files, resolved.resolution
     infos = []
-    for s in range(num_shards):
+    for s in range(len(fingerprints)):
         info = shard_info(out / shard_name(s))
         if info is None or info.get("fingerprint") != fingerprints[s]:
             raise UCGMError(f"--out {out}: {shard_name(s)} is missing or unreadable after encoding")
@@ -222,7 +242,7 @@ def _prepare(config: PrepareConfig, ctx: distributed.Context, reporter: Reporter
         "flip": config.flip,
         "sample_posterior": config.sample_posterior,
         "seed": config.seed if config.sample_posterior else None,
-        "shard_size": shard_size,
+        "shard_size": config.shard_size,
         "num_images": len(files) - sum(len(i["skipped"]) for i in infos),
         "num_skipped": len(skipped),
         "measured_mean": measured_mean,
@@ -235,8 +255,6 @@ def _prepare(config: PrepareConfig, ctx: distributed.Context, reporter: Reporter
         if skipped:
             reporter.note(f"skipped {len(skipped)} file(s): {shown([f for f, _ in skipped])} "
                           f"(list with reasons: {out / SKIPPED_NAME})")
-        reporter.info(f"wrote {num_samples} latents {list(latent_shape)} in {len(used)} shard(s) + {META_NAME} to {out} "
-            f"({time.perf_counter() - t0:.1f} s)")
-    distributed.barrier(ctx)
-    return PrepareResult(out, len(files), num_samples, num_shards, todo, reused, skipped, latent_shape,
-                         time.perf_counter() - t0, meta)
+        reporter.info(f"wrote {num_samples} latents {list(latent_shape)} in {len(used)} shard(s) + {META_NAME} to "
+                      f"{out} ({time.perf_counter() - t0:.1f} s)")
+    return meta, skipped

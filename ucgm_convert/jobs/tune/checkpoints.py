@@ -80,7 +80,10 @@ def read_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     return state, read_safetensors(checkpoint / WEIGHTS_NAME)
 
 
-def newest_intact(out: Path, reporter: Reporter = SILENT) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]] | None:
+Intact = tuple[Path, dict[str, Any], dict[str, torch.Tensor]]  # folder, train state, EMA weights
+
+
+def newest_intact(out: Path, reporter: Reporter = SILENT) -> Intact | None:
     """The newest checkpoint whose files read back, with its state; damaged newer ones are named and skipped."""
     damaged = []
     for _, folder in reversed(step_dirs(out)):

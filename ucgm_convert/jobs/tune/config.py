@@ -32,8 +32,9 @@ class TuneConfig(Settings):
     batch_size: Int | None = Field(default=None, ge=1, le=65_536, description="Samples per forward pass per process; "
                                    "smaller than global-batch / processes means gradient accumulation. Default: "
                                    "global-batch / processes.")
-    dtype: Annotated[choice(*TRAIN_DTYPES), _FLOAT16] = Field(default="float32", description="Training precision: float32, or bfloat16 "  # type: ignore[valid-type]
-                                         "autocast (weights and optimizer stay float32).")
+    dtype: Annotated[choice(*TRAIN_DTYPES), _FLOAT16] = Field(  # type: ignore[valid-type]
+        default="float32", description="Training precision: float32, or bfloat16 autocast (weights and optimizer "
+                                       "stay float32).")
     grad_checkpointing: Bool = Field(default=False, description="Recompute each transformer block in backward (less "
                                      "memory).")
     save_every: Int = Field(default=100, ge=0, description="Checkpoint every N steps (0 = only at the end).")
