@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from frechet_direct import direct_fd_low_rank
 from torch_fidelity.interpolate_compat_tensorflow import (
     interpolate_bilinear_2d_like_tensorflow1x,
 )
@@ -109,19 +110,6 @@ def test_layout_is_adms_nhwc_slice_and_flatten() -> None:
 def spatial_like(n: int, seed: int, shift: float = 0.0) -> np.ndarray:
     basis = np.random.default_rng(0).normal(size=(40, SPATIAL_DIM))  # both sets: the same correlations
     return np.maximum(np.random.default_rng(seed).normal(size=(n, 40)) @ basis / 6 + shift, 0.0)  # ReLU-like
-
-
-def direct_fd_low_rank(x: np.ndarray, y: np.ndarray) -> float:
-    """ADM's statistics (np.mean, np.cov) and the Frechet distance, with tr((S1 S2)^(1/2)) taken directly.
-
-    With centered rows X, Y: S1 S2 = X^T X Y^T Y / c has the non-zero eigenvalues of (X Y^T)(X Y^T)^T / c,
-    so tr((S1 S2)^(1/2)) = sum of singular values of X Y^T / sqrt(c), c = (n1 - 1)(n2 - 1).
-    """
-    mu1, mu2 = x.mean(axis=0), y.mean(axis=0)
-    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
-    xc, yc = x - mu1, y - mu2
-    tr_covmean = np.linalg.svd(xc @ yc.T, compute_uv=False).sum() / np.sqrt((len(x) - 1) * (len(y) - 1))
-    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
 def test_sfid_matches_a_direct_computation_and_ignores_a_common_permutation() -> None:
