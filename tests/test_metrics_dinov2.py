@@ -25,6 +25,7 @@ from ucgm_convert.metrics.dinov2 import (
     WEIGHTS_ENV,
     interpolate_pos_embed,
     load_dinov2,
+    read_edm2_dinov2_stats,
     timm_state_dict,
 )
 
@@ -206,3 +207,20 @@ def test_fd_dinov2_matches_a_direct_computation_on_edm2s_statistics() -> None:
     got = frechet_from_stats(stats, mu_ref, sigma_ref)
     assert got == pytest.approx(direct_fd_low_rank(samples.astype(np.float64), reference), rel=1e-7)
     assert got > 1.0
+
+
+def test_reads_edm2_fd_dinov2_reference_statistics(tmp_path: Path) -> None:
+    import pickle
+
+    rng = np.random.default_rng(3)
+    mu, a = rng.normal(size=1024), rng.normal(size=(1024, 8))
+    path = tmp_path / "img512.pkl"
+    with open(path, "wb") as f:  # calculate_metrics.py save_stats: a plain pickle of numpy statistics
+        pickle.dump({"num_images": 1281167, "fid": {"mu": np.zeros(2048), "sigma": np.eye(2048)},
+                     "fd_dinov2": {"mu": mu.astype(np.float32), "sigma": a @ a.T}}, f)
+    got_mu, got_sigma = read_edm2_dinov2_stats(path)
+    assert got_mu.dtype == np.float64 and np.array_equal(got_mu, mu.astype(np.float32)) and got_sigma.shape == (1024,) * 2
+    with open(path, "wb") as f:
+        pickle.dump({"num_images": 3, "fid": {"mu": np.zeros(2), "sigma": np.eye(2)}}, f)
+    with pytest.raises(UCGMError, match="no FD_DINOv2 statistics.*found fid, num_images"):
+        read_edm2_dinov2_stats(path)

@@ -10,6 +10,10 @@
 
 One Inception forward (sfid.InceptionWithSpatial) gives everything but fd_dinov2; one DINOv2
 forward gives fd_dinov2. Frechet distances use ucgm_convert.fid (float64 statistics).
+Published references: ADM's VIRTUAL_*.npz hold arr_0 (uint8 images, NHWC; ImageNet refs: 10k of them,
+which ADM runs through Inception for prec/rec), mu/sigma (pool3) and mu_s/sigma_s (sfid,
+sfid.read_adm_spatial_stats); EDM2's img512.pkl holds fid and fd_dinov2 mu/sigma
+(dinov2.read_edm2_dinov2_stats).
 """
 
 from __future__ import annotations

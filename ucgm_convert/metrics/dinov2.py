@@ -127,18 +127,20 @@ def architecture(state: dict[str, torch.Tensor], source: str) -> Architecture:
         hint = " (registers / SwiGLU / chunked-block checkpoints are not DINOv2 ViT-L/14)" if unexpected else ""
         raise UCGMError(f"{source}: not the official DINOv2 ViT layout ({WEIGHTS_FILENAME}): missing "
                         f"{missing[:3] or 'none'}, unexpected {unexpected[:3] or 'none'}{hint}")
-    dim, patch = state["cls_token"].shape[-1], state["patch_embed.proj.weight"].shape[-1]
-    tokens = state["pos_embed"].shape[1] - 1
+    cls, pos, proj = state["cls_token"], state["pos_embed"], state["patch_embed.proj.weight"]
+    if (cls.ndim, pos.ndim, proj.ndim) != (3, 3, 4):
+        raise UCGMError(f"{source}: DINOv2 cls_token / pos_embed / patch_embed.proj.weight must be 3-, 3- and "
+                        f"4-d, got {list(cls.shape)}, {list(pos.shape)}, {list(proj.shape)}")
+    dim, patch, tokens = cls.shape[-1], proj.shape[-1], pos.shape[1] - 1
     grid = math.isqrt(tokens)
     arch = Architecture(embed_dim=dim, depth=depth, patch_size=patch, grid=grid,
                         mlp_hidden=state["blocks.0.mlp.fc1.weight"].shape[0])
-    shapes_ok = (state["cls_token"].shape == (1, 1, dim) and state["pos_embed"].shape == (1, tokens + 1, dim)
-                 and grid * grid == tokens and state["patch_embed.proj.weight"].shape == (dim, 3, patch, patch)
-                 and dim % HEAD_DIM == 0 and state["blocks.0.attn.qkv.weight"].shape == (3 * dim, dim))
+    shapes_ok = (cls.shape == (1, 1, dim) and pos.shape == (1, tokens + 1, dim) and grid * grid == tokens
+                 and proj.shape == (dim, 3, patch, patch) and dim % HEAD_DIM == 0
+                 and state["blocks.0.attn.qkv.weight"].shape == (3 * dim, dim))
     if not shapes_ok:
         raise UCGMError(f"{source}: DINOv2 tensor shapes do not form a ViT with {HEAD_DIM}-d heads: cls_token "
-                        f"{list(state['cls_token'].shape)}, pos_embed {list(state['pos_embed'].shape)}, patch_embed "
-                        f"{list(state['patch_embed.proj.weight'].shape)}")
+                        f"{list(cls.shape)}, pos_embed {list(pos.shape)}, patch_embed {list(proj.shape)}")
     return arch
 
 
@@ -238,3 +240,20 @@ def load_dinov2(weights_path: str | Path | None = None, device: torch.device | s
     path = resolve_weights(weights_path)
     network = build_network(read_weights(path), source=str(path)).to(device)
     return DINOv2Features(network, str(path), sha256_file(path), torch.device(device))
+
+
+def read_edm2_dinov2_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """FD_DINOv2 reference mu [D], sigma [D, D] (float64) from EDM2's dataset refs (img512.pkl: {'fd_dinov2': ...})."""
+    from ..safe_pickle import read_pickle
+
+    obj = read_pickle(path)  # restricted: numpy arrays and plain containers only, never code
+    stats = obj.get("fd_dinov2") if isinstance(obj, dict) else None
+    if not isinstance(stats, dict) or not {"mu", "sigma"} <= set(stats):
+        found = ", ".join(sorted(map(str, obj))) if isinstance(obj, dict) else type(obj).__name__
+        raise UCGMError(f"{path}: no FD_DINOv2 statistics: expected EDM2's {{'fd_dinov2': {{'mu', 'sigma'}}}} "
+                        f"(dataset-refs/img512.pkl), found {found}")
+    mu, sigma = np.asarray(stats["mu"], np.float64), np.asarray(stats["sigma"], np.float64)
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UCGMError(f"{path}: fd_dinov2 mu/sigma must be finite [D] and [D, D], got {list(mu.shape)} and "
+                        f"{list(sigma.shape)}")
+    return mu, sigma
