@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
 
+import tomllib
 import typer.main
 
 from ucgm_convert.adapters import FAMILIES
