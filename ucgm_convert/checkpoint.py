@@ -16,7 +16,7 @@ from .errors import UCGMError
 from .formats.safetensors_file import read_safetensors
 from .formats.statedict import load_state_dict_strict
 from .foundation import atomic_dir
-from .model import GenerativeModel, ModelConfig
+from .model import GenerativeModel, ModelConfig, checked_network
 
 WEIGHTS_NAME = "model.safetensors"
 VAE_WEIGHTS_NAME = "vae.safetensors"
@@ -84,8 +84,9 @@ def load_checkpoint(
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise UCGMError(f"{path}: missing {WEIGHTS_NAME}")
-    model = GenerativeModel.build(config)
-    load_state_dict_strict(model.net, read_safetensors(weights), str(weights))
+    net = checked_network(config, str(path / CONFIG_NAME))
+    load_state_dict_strict(net, read_safetensors(weights), str(weights), assign=True)
+    model = GenerativeModel(net, config)
     if (path / VAE_WEIGHTS_NAME).is_file():
         model.vae_state = read_safetensors(path / VAE_WEIGHTS_NAME)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -174,6 +174,23 @@ def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def available_memory() -> int:
+    """Bytes of memory this process may still allocate: MemAvailable (Linux), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def gib(n: float) -> str:
+    """A byte count as GiB, for messages."""
+    return f"{n / 2**30:.1f} GiB"
+
+
 # --------------------------------------------------------------------------------------------
 # dtype and device
 # --------------------------------------------------------------------------------------------

@@ -8,12 +8,43 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .nets import build_network
+from .errors import UCGMError
+from .foundation import available_memory, gib, one_line
+from .nets import build_network, size_in_bytes
+from .settings import SettingsError
 from .settings.model import ModelConfig
 from .transports import Transport, get_transport
 from .vae import load_vae
 
 __all__ = ["GenerativeModel", "ModelConfig"]
+
+
+def checked_network(config: ModelConfig, source: str) -> nn.Module:
+    """The network `config` describes, built on the meta device after every check that needs no memory.
+
+    config.json is untrusted input: the architecture and each hyperparameter are validated
+    (bounded) first, the weights' size is compared with the memory available, and one forward on
+    the meta device proves the latent shape fits the network. Errors name `source` and the field.
+    """
+    try:
+        net = build_network(config.arch, device="meta", **config.arch_kwargs)
+    except SettingsError as err:
+        raise UCGMError(f"{source}: {err.under('arch_kwargs')}") from None
+    except ValueError as err:
+        raise UCGMError(f"{source}: arch {config.arch!r}: {one_line(err)}") from None
+    need, free = size_in_bytes(net), available_memory()
+    if need > free:
+        raise UCGMError(f"{source}: the {config.arch} network needs {gib(need)} for its weights, but only {gib(free)} "
+                        "of memory is available")
+    x = torch.zeros(1, *config.latent_shape, device="meta")
+    try:
+        out = net(x, torch.zeros(1, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"))
+    except (RuntimeError, ValueError, IndexError) as err:
+        out = err
+    if not isinstance(out, Tensor) or out.shape != x.shape:
+        raise UCGMError(f"{source}: latent_shape {list(config.latent_shape)} does not fit the {config.arch} network "
+                        f"of arch_kwargs ({one_line(out) if isinstance(out, Exception) else list(out.shape)})")
+    return net
 
 
 class GenerativeModel(nn.Module):
@@ -28,8 +59,9 @@ class GenerativeModel(nn.Module):
         self.vae_state: dict[str, Tensor] | None = None
 
     @classmethod
-    def build(cls, config: ModelConfig) -> GenerativeModel:
-        """A model with freshly initialised weights for `config`."""
+    def build(cls, config: ModelConfig, source: str = "config") -> GenerativeModel:
+        """A model with freshly initialised weights for `config` (checked first, see `checked_network`)."""
+        checked_network(config, source)
         return cls(build_network(config.arch, **config.arch_kwargs), config)
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:

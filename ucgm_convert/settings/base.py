@@ -139,7 +139,7 @@ UNIT = (at.Ge(0.0), at.Le(1.0))
 
 
 def _num(x: float) -> str:
-    return f"{x:g}"
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def _bounds_text(meta: list[Any]) -> str:

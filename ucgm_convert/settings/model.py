@@ -6,6 +6,7 @@ runs the VAE and maps its output range ("-1,1" or "0,1") to [0, 1]. `identity` i
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
@@ -16,6 +17,7 @@ from .base import Describe, Float, Int, Settings, checked, choice
 from .sampling import SamplingSettings
 
 FORMAT_VERSION = 1
+MAX_LATENT_ELEMENTS = 1 << 26  # per sample (256 MB in float32); released latents have at most 32 x 64 x 64
 VAES = ("identity", "sd-vae", "ldm-f16d32", "dc-ae")
 PIXEL_RANGES = ("-1,1", "0,1")
 # GroupNorm groups of every released KL VAE; the weights cannot tell it (tiny test VAEs differ).
@@ -77,7 +79,7 @@ class ModelConfig(Settings):
     arch_kwargs: dict[str, Any]
     transport: Annotated[str, AfterValidator(_canonical_transport),
                          Describe(f"a transport name, one of {', '.join(map(repr, TRANSPORTS))}")]
-    num_classes: Int = Field(ge=1)
+    num_classes: Int = Field(ge=1, le=1 << 20)
     latent_shape: Annotated[tuple[Int, Int, Int], BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)]
     null_class: Int = Field(ge=0)
     guidance_channels: Int | None = Field(default=None, ge=1)
@@ -97,8 +99,15 @@ class ModelConfig(Settings):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
-        if min(self.latent_shape) < 1:
-            raise ValueError(f"latent_shape must be (C, H, W) with positive sizes, got {list(self.latent_shape)}")
+        if min(self.latent_shape) < 1 or math.prod(self.latent_shape) > MAX_LATENT_ELEMENTS:
+            raise ValueError(f"latent_shape must be (C, H, W) with positive sizes and at most {MAX_LATENT_ELEMENTS} "
+                             f"elements, got {list(self.latent_shape)}")
+        if not 0 <= self.null_class <= self.num_classes:
+            raise ValueError(f"null_class must be in [0, num_classes = {self.num_classes}] (the label table has "
+                             f"num_classes + 1 rows), got {self.null_class}")
+        if self.guidance_channels is not None and self.guidance_channels > self.latent_shape[0]:
+            raise ValueError(f"guidance_channels {self.guidance_channels} exceeds the latent channels "
+                             f"{self.latent_shape[0]}")
         if self.format_version > FORMAT_VERSION:
             raise ValueError(f"format_version {self.format_version} is newer than this ucgm-convert understands "
                              f"({FORMAT_VERSION}); upgrade ucgm-convert")
