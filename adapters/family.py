@@ -26,6 +26,9 @@ class License:
 
 
 IMAGENET = "ILSVRC/imagenet-1k"
+# How a message names an option: the CLI flag first, the Python keyword after it.
+PASS_HEADS = "pass --num-heads N (num_heads=N in Python)"
+PASS_STATS = "--latent-stats PATH (latent_stats=PATH in Python)"
 UNKNOWN_LICENSE = License(
     "other",
     "The source model's license is not known to ucgm-convert; check the base model's terms before reuse "

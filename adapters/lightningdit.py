@@ -35,7 +35,7 @@ from ucgm_convert.adapters.common import (
     shape_error,
     size_table_heads,
 )
-from ucgm_convert.adapters.family import IMAGENET, Family, License
+from ucgm_convert.adapters.family import IMAGENET, PASS_HEADS, PASS_STATS, Family, License
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.formats.torch_files import is_torch_zip, read_torch, tensor_dict
 from ucgm_convert.model import GenerativeModel
@@ -115,7 +115,7 @@ def _num_heads(path: Path, state: Mapping[str, Tensor], hidden: int, requested: 
     heads = size_table_heads(hidden)
     if heads is None:
         raise UCGMError(f"{path}: cannot tell the number of heads of a hidden size {hidden} without RoPE or "
-                        "q/k norm; pass num_heads=")
+                        "q/k norm; " + PASS_HEADS)
     return heads
 
 
@@ -163,9 +163,9 @@ def _latent_stats(path: Path, stats: str | Path | None, channels: int) -> tuple[
     stats_path = Path(stats).expanduser() if stats is not None else path.parent / STATS_NAME
     if stats is None and not stats_path.is_file():
         warnings.warn(
-            f"{path}: no latent statistics found (no {STATS_NAME} next to the checkpoint, no latent_stats=PATH); "
+            f"{path}: no latent statistics found (no {STATS_NAME} next to the checkpoint, no {PASS_STATS}); "
             "storing mean 0 / std 1. Samples will NOT decode correctly with the VA-VAE: pass "
-            f"latent_stats=PATH to the {STATS_NAME} of hustvl/vavae-imagenet256-f16d32-dinov2.",
+            f"{PASS_STATS} to the {STATS_NAME} of hustvl/vavae-imagenet256-f16d32-dinov2.",
             UserWarning, stacklevel=3)
         return 0.0, 1.0
     values = channel_stats(stats_path, ("mean", "std"), channels, "latent statistics")

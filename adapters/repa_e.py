@@ -37,7 +37,7 @@ from ucgm_convert.adapters.common import (
     shape_error,
     size_table_heads,
 )
-from ucgm_convert.adapters.family import IMAGENET, Family, License
+from ucgm_convert.adapters.family import IMAGENET, PASS_HEADS, PASS_STATS, Family, License
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.formats.torch_files import read_torch, tensor_dict
 from ucgm_convert.model import GenerativeModel
@@ -123,7 +123,7 @@ def _num_heads(path: Path, hidden: int, patch: int, model_name: Any, requested: 
     heads = size_table_heads(hidden)
     if heads is None:
         raise UCGMError(f"{path}: cannot tell the number of attention heads of hidden size {hidden} (no upstream "
-                        f"size in args.model: {model_name!r}); pass num_heads=")
+                        f"size in args.model: {model_name!r}); " + PASS_HEADS)
     return heads
 
 
@@ -194,13 +194,13 @@ def _latent_stats(path: Path, obj: Any, state: Mapping[str, Tensor], args: argpa
     if beside is not None:
         return _stats_file(beside, channels)
     if "bn.running_var" in state:
-        warnings.warn(f"{path}: no *{STATS_SUFFIX} next to the checkpoint and no latent_stats=PATH; using the EMA's "
+        warnings.warn(f"{path}: no *{STATS_SUFFIX} next to the checkpoint and no {PASS_STATS}; using the EMA's "
                       "bn running statistics, which REPA-E's generate.py uses only for end-to-end checkpoints: pass "
-                      f"latent_stats=PATH to the VAE's {STATS_SUFFIX[1:]} to decode exactly as upstream",
+                      f"{PASS_STATS} to the VAE's {STATS_SUFFIX[1:]} to decode exactly as upstream",
                       UserWarning, stacklevel=3)
         return _bn_stats(path, state, channels)
     warnings.warn(f"{path}: no latent statistics (no bn.* weights, no *{STATS_SUFFIX} next to the checkpoint, no "
-                  "latent_stats=PATH); storing mean 0 / std 1, so samples will NOT decode correctly",
+                  f"{PASS_STATS}); storing mean 0 / std 1, so samples will NOT decode correctly",
                   UserWarning, stacklevel=3)
     return 0.0, 1.0
 

@@ -219,3 +219,31 @@ def test_frechet_distance_rejects_mismatched_shapes() -> None:
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
     with pytest.raises(UCGMError, match="sigma shapes"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
+
+
+def test_statistics_and_distance_do_not_depend_on_blas_threads() -> None:
+    """Multi-threaded BLAS changes eigh's last bits with the thread count (checked first, on this machine);
+    our float64 statistics and Frechet distance give the same bits under any thread limit."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((900, 1024)) * 2 + 0.5, rng.standard_normal((700, 1024))
+    with threadpool_limits(1):
+        one = np.linalg.eigvalsh(a.T @ a)
+    with threadpool_limits(4):
+        many = np.linalg.eigvalsh(a.T @ a)
+    if np.array_equal(one, many):
+        pytest.skip("this machine's BLAS gives the same bits on any thread count: nothing to guard against here")
+
+    def distance() -> float:
+        sa, sb = FeatureStats(1024), FeatureStats(1024)
+        sa.update(a[:400])
+        sa.update(a[400:])
+        sb.update(b)
+        return frechet_distance(*sa.mu_sigma(), *sb.mu_sigma())
+
+    values = []
+    for threads in (1, 2, 4):
+        with threadpool_limits(threads):
+            values.append(distance())
+    assert values[0] == values[1] == values[2], values

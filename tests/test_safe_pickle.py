@@ -170,3 +170,31 @@ def test_allow_list_has_no_code_paths() -> None:
 
     values = _allowed_globals().values()
     assert not any(v in values for v in (io.BytesIO, open, eval, exec, __import__, getattr, torch.load))
+
+
+class _Exec:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize("reader", ["checkpoint", "inception", "dinov2", "reference"])
+def test_refusals_name_the_import_and_never_suggest_weights_only_false(tmp_path: Path, reader: str) -> None:
+    from ucgm_convert.formats.torch_files import read_torch
+    from ucgm_convert.metrics import dinov2, inception
+    from ucgm_convert.metrics.fid import load_reference
+
+    read = {"checkpoint": read_torch, "inception": inception.read_weights, "dinov2": dinov2.read_weights,
+            "reference": load_reference}[reader]
+    evil, noise = tmp_path / "evil.pt", tmp_path / "noise.pt"
+    torch.save({"x": _Exec()}, evil)
+    noise.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 8)  # starts like a zip, is not one
+    with pytest.raises(UCGMError) as refused:
+        read(evil)
+    message = str(refused.value)
+    assert "\n" not in message and "weights_only" not in message and "Re-running" not in message
+    assert "evil.pt" in message and ("posix.system" in message or reader == "reference")
+    with pytest.raises(UCGMError) as unreadable:
+        read(noise)
+    assert "could run code" not in str(unreadable.value) and "noise.pt" in str(unreadable.value)

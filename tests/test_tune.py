@@ -194,6 +194,38 @@ def test_kill_9_then_resume_equals_uninterrupted_run(setup: dict[str, Path]) -> 
         torch.testing.assert_close(got_student[name], value, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_resume_falls_back_past_a_damaged_checkpoint(setup: dict[str, Path], damage: str) -> None:
+    """The newest checkpoint's train_state.pt is damaged: --resume says so, continues from the one before,
+    and ends where an uninterrupted run ends."""
+    out, reference = setup["tmp"] / f"damaged-{damage}", setup["tmp"] / f"reference-{damage}"
+    tune(config(setup, out, steps=4, save_every=2, keep_checkpoints=0))
+    state_file = out / "checkpoints" / "step-000004" / "train_state.pt"
+    data = state_file.read_bytes()
+    state_file.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x80\x04junk" * 50)
+    result = runner.invoke(app, [*base_args(setup, out, "--steps", "6", "--save-every", "2", "--keep-checkpoints", "0"),
+                                 "--resume"])
+    assert result.exit_code == 0, result.output
+    notes = " ".join(result.output.split())
+    assert "step-000004/train_state.pt" in notes and "falling back to" in notes and "step-000002" in notes, notes
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    tune(config(setup, reference, steps=6, save_every=2))
+    torch.testing.assert_close(torch.tensor([m["loss"] for m in metrics(out)]),
+                               torch.tensor([m["loss"] for m in metrics(reference)]), rtol=1e-6, atol=1e-7)
+    for name, value in weights(reference).items():
+        torch.testing.assert_close(weights(out)[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_resume_with_every_checkpoint_damaged_is_one_line(setup: dict[str, Path]) -> None:
+    out = setup["tmp"] / "all-damaged"
+    tune(config(setup, out, steps=2, save_every=2))
+    (out / "checkpoints" / "step-000002" / "train_state.pt").write_bytes(b"not a checkpoint")
+    result = runner.invoke(app, [*base_args(setup, out, "--steps", "4"), "--resume"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "every checkpoint is damaged" in lines[0] and "train_state.pt" in lines[0] and "--overwrite" in lines[0]
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(setup: dict[str, Path]) -> None:
     lat = torch.randn(N, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     bad = int(batch_indices(N, 8, 0, 2)[5])  # a sample of the third global batch (step 3) only
@@ -307,3 +339,13 @@ def test_embedded_demo_model_tunes(tmp_path: Path) -> None:
                                  "--demo-size", "64", "--sample-every", "0"])
     assert result.exit_code == 0, result.output
     assert uc.load(out).cfg.sampling.steps == 2
+
+
+def test_the_tuned_card_names_its_base_model_and_has_no_unconditional_task(setup: dict[str, Path]) -> None:
+    recipe = setup["recipe"]
+    recipe.write_text(recipe.read_text().replace("checkpoint: null", "checkpoint: null\nbase_model: alice/tiny-base"))
+    out = setup["tmp"] / "out"
+    tune(config(setup, out, steps=1))
+    assert json.loads((out / "config.json").read_text())["base_model"] == "alice/tiny-base"
+    card = (out / "README.md").read_text()
+    assert "base_model: alice/tiny-base" in card and "pipeline_tag" not in card and "class-conditional" in card

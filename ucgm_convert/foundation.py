@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from .errors import UCGMError
 
@@ -86,6 +87,9 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     and `out_dir` is untouched.
     """
     out_dir = Path(out_dir).resolve()
+    if out_dir == Path.cwd().resolve() or out_dir in Path.cwd().resolve().parents:
+        raise UCGMError(f"{out_dir}: is the current folder (or holds it); a folder written atomically replaces "
+                        "its target: choose a new subfolder")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -184,6 +188,14 @@ def available_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS on one thread: multi-threaded BLAS sums in an order that depends on the thread count,
+    which would change the last bits of float64 statistics from one machine to the next."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def gib(n: float) -> str:

@@ -39,7 +39,7 @@ def checked_network(config: ModelConfig, source: str) -> nn.Module:
     x = torch.zeros(1, *config.latent_shape, device="meta")
     try:
         out = net(x, torch.zeros(1, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"))
-    except (RuntimeError, ValueError, IndexError) as err:
+    except (RuntimeError, ValueError, IndexError, AssertionError) as err:  # timm asserts input sizes
         out = err
     if not isinstance(out, Tensor) or out.shape != x.shape:
         raise UCGMError(f"{source}: latent_shape {list(config.latent_shape)} does not fit the {config.arch} network "

@@ -70,6 +70,7 @@ class Recipe(Settings):
     vae: NonEmpty  # type: ignore[valid-type]
     dataset: str | None = None  # Hub dataset id of the training data, when the family's default does not apply
     checkpoint: str | None = None
+    base_model: str | None = None  # Hub id of the published source weights (model cards' base_model)
     # DDT's encoder/decoder split, which its weights cannot show (the published 22 of 28 blocks).
     encoder_depth: Int | None = Field(default=None, ge=1)
     sampling: SamplingSettings
@@ -185,7 +186,8 @@ def parse_recipe(text: str, where: str, default_name: str) -> Recipe:
     if data is None:
         raise UCGMError(f"{where}: the file is empty; expected a mapping with keys {', '.join(Recipe.model_fields)}")
     if not isinstance(data, Mapping):
-        raise UCGMError(f"{where}: expected a mapping with keys {', '.join(Recipe.model_fields)}, got {data!r}")
+        raise UCGMError(f"{where}: not a recipe: expected a mapping with keys {', '.join(Recipe.model_fields)}, "
+                        f"got {type(data).__name__} content")
     return Recipe.parse({"name": default_name, **data}, where)
 
 

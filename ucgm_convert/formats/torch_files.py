@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,17 +30,36 @@ def is_torch_zip(path: Path) -> bool:
     return path.is_file() and zipfile.is_zipfile(path)
 
 
+_GLOBAL = re.compile(r"GLOBAL (\S+)")
+LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
+               IndexError, TypeError)
+
+
+def load_error(path: str | Path, err: BaseException, what: str) -> UCGMError:
+    """One line for a failed torch.load: a refused import (naming it), else "not readable".
+
+    torch's own message is not repeated: it advises re-running with weights_only=False, the one
+    thing never to do with a file of unknown origin.
+    """
+    found = _GLOBAL.search(str(err)) if isinstance(err, pickle.UnpicklingError) else None
+    if found:
+        return UCGMError(f"{path}: refused to load {what}: the file would import {found.group(1)} while unpickling, "
+                         "which could run code; only tensors and plain data are read")
+    return UCGMError(f"{path}: not a readable {what} (truncated, corrupted or not a torch.save file)")
+
+
+def safe_load(path: str | Path, what: str, allowed: list[Any] | None = None, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True (plus the `allowed` plain-data classes); errors via `load_error`."""
+    try:
+        with torch.serialization.safe_globals(allowed or []):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except LOAD_ERRORS as err:
+        raise load_error(path, err, what) from None
+
+
 @functools.lru_cache(maxsize=4)
 def _read_torch_cached(path: str, mtime_ns: int, size: int) -> Any:
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        raise UCGMError(f"{path}: refused to load: the file pickles objects other than tensors and "
-                        f"plain data, which could run code ({str(err).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise UCGMError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?): "
-                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    return safe_load(path, "PyTorch checkpoint", SAFE_GLOBALS, mmap=True)
 
 
 def is_damaged_zip(path: Path) -> bool:

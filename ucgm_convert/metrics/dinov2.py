@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,7 @@ from torch import nn
 
 from ..errors import UCGMError
 from ..formats.safe_pickle import read_pickle
+from ..formats.torch_files import safe_load
 from ..foundation import one_line, sha256_file
 from .inception import no_tf32
 
@@ -92,14 +91,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not (head == b"PK" or (len(head) == 2 and head[0] == 0x80)):  # torch.save's zip, or a legacy pickle
         raise UCGMError(f"{path}: not readable DINOv2 weights: not a torch.save file (expected the official "
                         f"{WEIGHTS_FILENAME})")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UCGMError(f"{path}: refused to load DINOv2 weights: the file pickles objects other than tensors "
-                        f"({str(err).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise UCGMError(f"{path}: not readable DINOv2 weights (truncated or corrupted?): "
-                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    state = safe_load(path, "DINOv2 weights file")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UCGMError(f"{path}: expected a state dict of tensors (the official {WEIGHTS_FILENAME} layout)")
     return state

@@ -16,7 +16,6 @@ Reference statistics files:
 from __future__ import annotations
 
 import io
-import pickle
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,13 +27,15 @@ import torch
 
 from ..errors import UCGMError
 from ..formats.safe_pickle import read_pickle
-from ..foundation import sha256_file, write_file_atomic
+from ..formats.torch_files import safe_load
+from ..foundation import one_blas_thread, one_line, sha256_file, write_file_atomic
 
 FEATURE_DIM = 2048
 IS_SPLITS = 10
 IS_SHUFFLE_SEED = 2020  # torch-fidelity's default rng_seed for the Inception Score split shuffle
 
 
+@one_blas_thread()
 def frechet_distance(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, factor1: np.ndarray | None = None,
 ) -> float:
@@ -98,6 +99,7 @@ class FeatureStats:
         self.outer = np.zeros((dim, dim), np.float64)
         self.rows: list[np.ndarray] | None = []
 
+    @one_blas_thread()
     def update(self, features: np.ndarray) -> None:
         f = np.asarray(features, dtype=np.float64)
         if f.ndim != 2 or f.shape[1] != self.dim:
@@ -113,6 +115,7 @@ class FeatureStats:
         if self.rows is not None:
             self.rows = [*self.rows, f] if self.n <= self.dim else None
 
+    @one_blas_thread()
     def mu_sigma(self) -> tuple[np.ndarray, np.ndarray]:
         if self.n < 2 or self.shift is None:
             raise UCGMError(f"statistics need at least 2 samples, got {self.n}")
@@ -120,6 +123,7 @@ class FeatureStats:
         sigma = (self.outer - self.n * np.outer(m, m)) / (self.n - 1)
         return self.shift + m, (sigma + sigma.T) / 2
 
+    @one_blas_thread()
     def factor(self) -> np.ndarray | None:
         """B [dim, n] with sigma = B B^T (centered rows / sqrt(n - 1)) while n <= dim, else None."""
         if not self.rows or self.n < 2:
@@ -223,14 +227,7 @@ def _numpy_safe_globals() -> list[Any]:
 
 
 def _read_torch_fidelity(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], str]:
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UCGMError(f"{path}: refused to load: the file pickles objects other than arrays and plain data "
-                        f"({str(err).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise UCGMError(f"{path}: not a readable torch-fidelity statistics file ({str(err).splitlines()[0]})") from None
+    obj = safe_load(path, "torch-fidelity statistics file", _numpy_safe_globals())
     if not isinstance(obj, Mapping) or not {"mu", "sigma"} <= set(obj):
         found = ", ".join(sorted(map(str, obj))) if isinstance(obj, Mapping) else type(obj).__name__
         raise UCGMError(f"{path}: no reference statistics: expected a dict with 'mu' and 'sigma' "
@@ -268,8 +265,12 @@ def load_reference(path: str | Path, dim: int = FEATURE_DIM) -> ReferenceStats:
         return ReferenceStats(mu=mu, sigma=sigma, path=str(path), sha256=sha256_file(path), format=fmt, meta=meta)
     if not head.startswith(b"PK"):
         raise UCGMError(f"{path}: not an .npz (zip) file, a torch-fidelity .pt or an EDM2 .pkl statistics file")
-    with zipfile.ZipFile(path) as zf:
-        is_npz = any(name.endswith(".npy") for name in zf.namelist())
+    try:
+        with zipfile.ZipFile(path) as zf:
+            is_npz = any(name.endswith(".npy") for name in zf.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise UCGMError(f"--ref {path}: not a readable .npz / .pt file (truncated or corrupted?): "
+                        f"{one_line(err)}") from None
     reader = _read_npz if is_npz else _read_torch_fidelity
     mu, sigma, meta, fmt = reader(path)
     mu, sigma = _check_mu_sigma(mu, sigma, str(path), dim)

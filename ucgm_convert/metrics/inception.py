@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import socket
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import UCGMError
+from ..formats.torch_files import safe_load
 from ..foundation import sha256_file
 
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -89,14 +88,7 @@ def resolve_weights(weights_path: str | Path | None = None) -> Path:
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of a torch-fidelity Inception weights file, read without running pickled code."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UCGMError(f"{path}: refused to load Inception weights: the file pickles objects other than "
-                        f"tensors ({str(err).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise UCGMError(f"{path}: not readable Inception weights (truncated or corrupted?): "
-                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    state = safe_load(path, "Inception weights file")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UCGMError(f"{path}: expected a state dict of tensors ({WEIGHTS_FILENAME} layout)")
     return state

@@ -44,7 +44,7 @@ def _field_type(hint: Any) -> Any:
     """The validated type of a constructor argument annotated `hint` (int, float, bool, sequences, optionals)."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return typing.Union[tuple(_field_type(a) if a is not type(None) else a for a in typing.get_args(hint))]  # noqa: UP007
+        return typing.Union[tuple(_field_type(a) if a is not type(None) else a for a in typing.get_args(hint))]
     if origin in (Sequence, list, tuple) or hint in (Sequence, list):
         (item,) = typing.get_args(hint)[:1] or (int,)
         return Annotated[list[_field_type(item)], at.MaxLen(MAX_ITEMS)]

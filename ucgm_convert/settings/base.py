@@ -225,8 +225,10 @@ def field_expectation(model: type[BaseModel], name: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _shown(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+def _shown(value: Any, limit: int = 60) -> str:
+    """A bad value as the error shows it: its repr, cut to `limit` characters (a file's contents are never dumped)."""
+    text = repr(list(value) if isinstance(value, tuple) else value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...'"
 
 
 def _first_error(model: type[BaseModel], err: ValidationError, data: Any) -> SettingsError:
@@ -264,7 +266,7 @@ def _first_error(model: type[BaseModel], err: ValidationError, data: Any) -> Set
         expected = describe(annotation, info.metadata)
         if error["type"] == "missing" and len(loc) == len(path):
             return SettingsError(tuple(path), f"missing required key ({expected})")
-        detail = f"expected {expected}, got {_shown(value)!r}"
+        detail = f"expected {expected}, got {_shown(value)}"
         for m in _all_metadata(info.annotation, info.metadata):
             if isinstance(m, Hint) and m.applies(value):
                 detail += f" ({m.text})"
@@ -316,7 +318,8 @@ class Settings(BaseModel):
     def parse(cls: type[S], data: Any, where: str) -> S:
         """Validate parsed file contents; errors start with `where` (the file name)."""
         if not isinstance(data, Mapping):
-            raise UCGMError(f"{where}: expected a mapping with keys {', '.join(cls.model_fields)}, got {data!r}")
+            raise UCGMError(f"{where}: expected a mapping with keys {', '.join(cls.model_fields)}, got "
+                            f"{type(data).__name__} content")
         try:
             return cls(**data)
         except SettingsError as err:

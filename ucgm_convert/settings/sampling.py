@@ -19,6 +19,8 @@ def _lo_le_hi(v: tuple[float, float]) -> bool:
     return v[0] <= v[1]
 
 
+MAX_STEPS = 10_000  # far beyond any published setting (250); a bound keeps every grid allocation small
+
 Stochasticity = Annotated[(Float, *UNIT)] | choice("auto")
 Gaps = checked(floats(2, at.Ge(0.0)), lambda g: g[0] + g[1] < 1.0, "with start + end < 1")
 Interval = checked(floats(2, *UNIT), _lo_le_hi, "with lo <= hi")
@@ -27,7 +29,7 @@ Interval = checked(floats(2, *UNIT), _lo_le_hi, "with lo <= hi")
 class SamplingSettings(Settings):
     """UCGM-S settings (arguments of `uc.sample`) plus classifier-free guidance."""
 
-    steps: Int = Field(ge=1, description="Sampling steps.")
+    steps: Int = Field(ge=1, le=MAX_STEPS, description="Sampling steps.")
     order: Int = Field(default=1, ge=1, le=2, description="Solver order, 1 or 2.")
     stochasticity: Stochasticity = Field(default=0.0, description="Stochasticity rho in [0, 1], or 'auto'.")
     extrapolation: Float = Field(default=0.0, ge=0.0, description="Extrapolation ratio lambda (>= 0).")

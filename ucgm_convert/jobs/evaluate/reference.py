@@ -16,7 +16,7 @@ from ...errors import UCGMError
 from ...foundation import check_writable_dir, image_files, resolve_device
 from ...metrics.fid import FEATURE_DIM, FeatureStats, save_reference
 from ...metrics.inception import load_inception
-from ...settings.base import Int, Settings
+from ...settings.base import Bool, Int, Settings
 
 
 class RefConfig(Settings):
@@ -28,6 +28,7 @@ class RefConfig(Settings):
     batch_size: Int = Field(default=64, ge=1, le=65_536, description="Images per Inception forward.")
     device: str | None = Field(default=None, description="Torch device. Default: cuda if available, else cpu.")
     inception_weights: Path | None = Field(default=None, description="torch-fidelity's Inception weights file.")
+    overwrite: Bool = Field(default=False, description="Replace an existing --out file.")
 
 
 @dataclass
@@ -102,8 +103,12 @@ def _read_image(path: Path) -> np.ndarray:
 
 def run_ref(config: RefConfig, reporter: Reporter = SILENT) -> RefResult:
     """Inception pool statistics of every image of `config.source`, written to `config.out` (.npz, atomic)."""
+    if config.out.is_dir():
+        raise UCGMError(f"--out {config.out}: is a folder; expected the path of the .npz to write")
+    if config.out.exists() and not config.overwrite:
+        raise UCGMError(f"--out {config.out}: exists; pass --overwrite to replace it, or choose another file")
     images = _Images(config.source)
-    check_writable_dir(config.out.parent if str(config.out.parent) else Path("."), "--out")
+    check_writable_dir(config.out.parent, "--out")
     inception = load_inception(config.inception_weights, resolve_device(config.device))
     stats = FeatureStats(FEATURE_DIM)
     size: tuple[int, int] | None = None

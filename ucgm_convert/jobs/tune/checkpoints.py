@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from ...checkpoint import CARD_NAME, CONFIG_NAME, RECIPE_NAME, VAE_WEIGHTS_NAME,
 from ...console import SILENT, Reporter
 from ...errors import UCGMError
 from ...formats.safetensors_file import read_safetensors
+from ...formats.torch_files import safe_load
 from ...foundation import write_file_atomic
 from ...model import GenerativeModel
 
@@ -71,10 +71,7 @@ def step_of(checkpoint: Path) -> int:
 def read_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(train_state.pt, EMA weights) of a checkpoint; UCGMError naming the file when one does not read back."""
     path = checkpoint / STATE_NAME
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, UCGMError) as err:
-        raise UCGMError(f"{path}: damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    state = safe_load(path, "training state (damaged?)")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or "step" not in state:
         raise UCGMError(f"{path}: not a train_state.pt of this version of ucgm-convert")
     return state, read_safetensors(checkpoint / WEIGHTS_NAME)

@@ -133,8 +133,11 @@ def _trainable_names(model: GenerativeModel) -> set[str]:
 
 
 def _base_model(run: _Run) -> str | None:
-    """The Hub id of the model tuned: --checkpoint when it is one, else what its config records."""
-    return run.source if looks_like_hub_id(run.source) else run.model.cfg.base_model
+    """The Hub id of the model tuned: --checkpoint when it is one, else what its config records, else the
+    published weights its recipe names."""
+    if looks_like_hub_id(run.source):
+        return run.source
+    return run.model.cfg.base_model or run.recipe.base_model
 
 
 def _models(run: _Run) -> tuple[GenerativeModel, GenerativeModel | None, GenerativeModel]:
