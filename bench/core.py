@@ -1,0 +1,66 @@
+"""What every benchmark module in bench/ shares: its options, its result, and how it times things.
+
+A benchmark is a module `bench/<name>.py` with `TITLE: str` and `run(opts: Options) -> Result`.
+Timings are medians of repeated runs reported as ratios against a baseline timed in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a benchmark runs: where, at which model size, and where its files go."""
+
+    device: str = "cpu"
+    size: str = "small"  # "small" (CPU, minutes) or "xl" (full-size random networks, for a GPU)
+    quick: bool = False  # the smallest run that still exercises every code path (used by the tests)
+    out: Path = Path("bench/results")
+    repeats: int = 7
+
+
+@dataclass
+class Result:
+    """One benchmark's table (rows of `columns`), its plots on disk, and notes saying where we lose."""
+
+    name: str
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    notes: list[str] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median and spread (min, max) of repeated wall times, in seconds."""
+
+    median: float
+    low: float
+    high: float
+
+    def ratio(self, baseline: Timing) -> float:
+        return self.median / baseline.median
+
+
+def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None) -> Timing:
+    """Wall time of `fn()` over `repeats` runs after `warmup` untimed ones; `sync` waits for a device."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - start)
+    return Timing(statistics.median(times), min(times), max(times))
