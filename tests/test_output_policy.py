@@ -76,12 +76,20 @@ def test_bad_input_creates_no_output_folder(tmp_path: Path) -> None:
     assert code == 2 and not (tmp_path / "new").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder, so there is no unwritable one")
-def test_an_unwritable_out_fails_before_any_sampling(tmp_path: Path) -> None:
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    code, output = invoke("sample", "--num", "2", "--out", str(locked / "out"))
-    assert code == 2 and "cannot write here" in output
+ROOT_WRITES_ANYWHERE = pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+
+
+@pytest.mark.parametrize("blocker", ["a file", pytest.param("a read-only folder", marks=ROOT_WRITES_ANYWHERE)])
+def test_an_unwritable_out_fails_before_any_sampling(tmp_path: Path, blocker: str) -> None:
+    """The one error line comes before the settings table and the progress bar: nothing was sampled."""
+    parent = tmp_path / "blocked"
+    if blocker == "a file":
+        parent.write_text("not a folder")
+    else:
+        parent.mkdir(mode=0o500)
+    result = runner.invoke(app, ["sample", "--num", "2", "--out", str(parent / "out")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "cannot write here" in lines[0], result.output
 
 
 def test_convert_replaces_only_its_own_checkpoint_and_never_the_current_folder(tmp_path: Path,

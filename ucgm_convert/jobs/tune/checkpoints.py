@@ -71,7 +71,7 @@ def step_of(checkpoint: Path) -> int:
 def read_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(train_state.pt, EMA weights) of a checkpoint; UCGMError naming the file when one does not read back."""
     path = checkpoint / STATE_NAME
-    state = safe_load(path, "training state (damaged?)")
+    state = safe_load(path, "training state")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or "step" not in state:
         raise UCGMError(f"{path}: not a train_state.pt of this version of ucgm-convert")
     return state, read_safetensors(checkpoint / WEIGHTS_NAME)
