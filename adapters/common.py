@@ -6,6 +6,7 @@ and how its architecture and latents are read, stays in that family's module.
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -15,12 +16,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ucgm_convert.adapters.family import PASS_HEADS
+from ucgm_convert.console import note
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.formats.statedict import load_state_dict_strict
 from ucgm_convert.formats.torch_files import read_torch
 from ucgm_convert.model import GenerativeModel, ModelConfig
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
+# Upstream DiT / SiT / REPA size tables (DiT_models, SiT_models): name -> (hidden, heads); patch after the slash.
+DIT_SIZES = {"S": (384, 6), "B": (768, 12), "L": (1024, 16), "XL": (1152, 16)}
+_SIZE_NAME = re.compile(r"^(SiT|DiT)-(S|B|L|XL)/(\d+)$")
+# SD-VAE latents as DiT, SiT, REPA and DDT sample them: decode z = m / 0.18215 with stabilityai/sd-vae-ft-ema.
+SD_VAE = {"name": "sd-vae", "source": "stabilityai/sd-vae-ft-ema", "latent_mean": 0.0,
+          "latent_std": 1 / 0.18215, "pixel_range": "-1,1"}
+# Keys every DiT-style transformer (DiT, SiT, REPA, REPA-E) has.
+DIT_CORE_KEYS = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "blocks.0.attn.qkv.weight",
+                 "blocks.0.mlp.fc1.weight", "blocks.0.adaLN_modulation.1.weight", "final_layer.linear.weight")
 
 
 def given_overrides(path: Path, overrides: Mapping[str, Any], accepted: tuple[str, ...], family: str,
@@ -100,6 +112,88 @@ def label_classes(path: Path, state: Mapping[str, Tensor], model: str) -> int:
 def block_count(state: Mapping[str, Any]) -> int:
     """1 + the largest N of the `blocks.N.*` keys (0 when there are none)."""
     return 1 + max((int(m.group(1)) for k in state if (m := _BLOCK.match(k))), default=-1)
+
+
+def sampling_weights(obj: Any) -> tuple[Any, str]:
+    """The weights upstream samples: `ema` of a train.py container, else the file itself; and where they are."""
+    if isinstance(obj, Mapping) and "ema" in obj:
+        return obj["ema"], " ['ema']"
+    return obj, ""
+
+
+def saved_args(obj: Any) -> argparse.Namespace | None:
+    """The argparse `args` a DiT / SiT / REPA train.py container stores (None for a bare state dict)."""
+    args = obj.get("args") if isinstance(obj, Mapping) else None
+    return args if isinstance(args, argparse.Namespace) else None
+
+
+def dit_style_state(obj: Any) -> Mapping[str, Any] | None:
+    """The sampling weights when they have DiT's core keys and 6-way adaLN (GELU MLP), else None."""
+    state, _ = sampling_weights(obj)
+    if not isinstance(state, Mapping) or not all(isinstance(state.get(k), Tensor) for k in DIT_CORE_KEYS):
+        return None
+    hidden = state["x_embedder.proj.weight"].shape[0]
+    return state if state["blocks.0.adaLN_modulation.1.weight"].shape[0] == 6 * hidden else None
+
+
+def drop_training_only(path: Path, state: Mapping[str, Tensor], prefixes: Mapping[str, str]) -> dict[str, Tensor]:
+    """`state` without the keys under `prefixes` (prefix -> what they are), with one note line naming what went."""
+    dropped = {p: [k for k in state if k.startswith(p)] for p in prefixes}
+    said = [f"{len(keys)} {p}* tensors ({prefixes[p]})" for p, keys in dropped.items() if keys]
+    if said:
+        note(f"{path}: dropped {', '.join(said)}; sampling does not use them")
+    return {k: v for k, v in state.items() if not any(k.startswith(p) for p in prefixes)}
+
+
+def model_heads(path: Path, hidden: int, patch: int, model_name: Any, requested: int | None) -> int:
+    """Heads from a saved args.model (upstream size table), else `requested`, else head size 64 (XL: 72)."""
+    match = _SIZE_NAME.match(model_name) if isinstance(model_name, str) else None
+    if match:
+        size_hidden, heads = DIT_SIZES[match.group(2)]
+        if (size_hidden, int(match.group(3))) != (hidden, patch):
+            raise UCGMError(f"{path}: args.model is {model_name!r} (hidden {size_hidden}, patch {match.group(3)}) but "
+                            f"the weights have hidden {hidden}, patch {patch}")
+        if requested is not None and requested != heads:
+            raise UCGMError(f"{path}: num_heads={requested} contradicts args.model {model_name!r} ({heads} heads)")
+        return heads
+    if requested is not None:
+        if requested < 1 or hidden % requested:
+            raise UCGMError(f"{path}: num_heads={requested} does not divide the hidden size {hidden}")
+        return int(requested)
+    heads = size_table_heads(hidden)
+    if heads is None:
+        raise UCGMError(f"{path}: cannot tell the number of attention heads of hidden size {hidden} (no upstream "
+                        f"size in args.model: {model_name!r}); " + PASS_HEADS)
+    return heads
+
+
+def sit_arch_kwargs(path: Path, state: Mapping[str, Tensor], model_name: Any, num_heads: int | None, model: str,
+                    learn_sigma: bool | None = False) -> dict[str, Any]:
+    """Constructor arguments of our SiT read from DiT-style tensor shapes (heads: args / override / size table).
+
+    `learn_sigma`: whether the final layer must have 2C outputs (DiT's learned variance); None accepts both.
+    """
+    geometry = dit_geometry(path, state, model)
+    hidden, channels, patch = geometry["hidden_size"], geometry["in_channels"], geometry["patch_size"]
+    final = state["final_layer.linear.weight"]
+    factor = final.shape[0] // (patch * patch * channels) if final.shape[0] % (patch * patch * channels) == 0 else 0
+    allowed = (1, 2) if learn_sigma is None else (2 if learn_sigma else 1,)
+    if factor not in allowed:
+        shapes = " or ".join(f"[{f * patch * patch * channels}, {hidden}]" for f in allowed)
+        raise shape_error(path, "final_layer.linear.weight", final, shapes + (" (learned sigma: 2C outputs)"
+                                                                              if 2 in allowed else ""), model)
+    fc1 = state["blocks.0.mlp.fc1.weight"]
+    mlp_ratio = fc1.shape[0] / hidden
+    if int(hidden * mlp_ratio) != fc1.shape[0]:
+        raise shape_error(path, "blocks.0.mlp.fc1.weight", fc1, f"[int({hidden} * mlp_ratio), {hidden}]", model)
+    kwargs = {
+        **geometry,
+        "num_heads": model_heads(path, hidden, patch, model_name, num_heads),
+        "mlp_ratio": mlp_ratio,
+        "num_classes": label_classes(path, state, model),
+        "qk_norm": "blocks.0.attn.q_norm.weight" in state,
+    }
+    return {**kwargs, "learn_sigma": True} if factor == 2 else kwargs
 
 
 def size_table_heads(hidden: int) -> int | None:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ucgm_convert.adapters.common import (
+    SD_VAE,
     block_count,
     checkpoint_to_load,
     dit_config,
@@ -45,8 +46,6 @@ DEFAULT_RESOLUTION = 256
 VAE_DOWNSAMPLE = 8
 RECIPES = {256: "ddt-256", 512: "ddt-512"}
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SD_VAE = {"name": "sd-vae", "source": "stabilityai/sd-vae-ft-ema", "latent_mean": 0.0,
-          "latent_std": 1 / 0.18215, "pixel_range": "-1,1"}
 
 
 def _state_dict(path: Path) -> Mapping[str, Any] | None:

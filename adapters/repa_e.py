@@ -15,8 +15,6 @@ End-to-end files carry the jointly tuned VAE (`vae`, latent-diffusion names): it
 from __future__ import annotations
 
 import argparse
-import functools
-import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,18 +24,19 @@ import torch
 from torch import Tensor
 
 from ucgm_convert.adapters.common import (
+    DIT_CORE_KEYS,
     channel_stats,
     dit_config,
-    dit_geometry,
+    dit_style_state,
     frozen_model,
     given_overrides,
-    label_classes,
     meta_network,
     require_keys,
-    shape_error,
-    size_table_heads,
+    sampling_weights,
+    saved_args,
+    sit_arch_kwargs,
 )
-from ucgm_convert.adapters.family import IMAGENET, PASS_HEADS, PASS_STATS, Family, License
+from ucgm_convert.adapters.family import IMAGENET, PASS_STATS, Family, License
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.formats.torch_files import read_torch, tensor_dict
 from ucgm_convert.model import GenerativeModel
@@ -48,8 +47,6 @@ NAME = "repa-e"
 ARCH = "sit"
 OVERRIDES = ("num_heads", "latent_stats")
 STATS_SUFFIX = "-latents-stats.pt"  # save_vae_weights.py: <vae>.pt next to <vae>-latents-stats.pt
-CORE_KEYS = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "blocks.0.attn.qkv.weight",
-             "blocks.0.mlp.fc1.weight", "blocks.0.adaLN_modulation.1.weight", "final_layer.linear.weight")
 # Upstream SiT entries our SiT does not have: training-only parts, dropped from the network weights.
 TRAINING_ONLY = {
     "projectors.": "REPA projection MLPs (alignment loss only)",
@@ -57,27 +54,12 @@ TRAINING_ONLY = {
     "bn.running_var": "latent variance, moved into the VAE spec",
     "bn.num_batches_tracked": "BatchNorm step counter",
 }
-# Upstream SiT_models sizes: name -> (hidden, heads); the patch is the number after the slash.
-SIT_SIZES = {"S": (384, 6), "B": (768, 12), "L": (1024, 16), "XL": (1152, 16)}
-_SIZE_NAME = re.compile(r"^SiT-(S|B|L|XL)/(\d+)$")
 VAE_NAMES = {"f8d4": "sd-vae", "f16d32": "ldm-f16d32"}  # args.vae -> our VAE spec name
 MODEL = "a REPA-E SiT"  # completes the shape errors' "expected ... for"
 
 
 def _training_only(key: str) -> bool:
     return key in TRAINING_ONLY or key.startswith("projectors.")
-
-
-def _ema(obj: Any) -> tuple[Any, str]:
-    """The sampling weights (`ema` of a training container, else the file itself) and where they are."""
-    if isinstance(obj, Mapping) and "ema" in obj:
-        return obj["ema"], " ['ema']"
-    return obj, ""
-
-
-def _args(obj: Any) -> argparse.Namespace | None:
-    args = obj.get("args") if isinstance(obj, Mapping) else None
-    return args if isinstance(args, argparse.Namespace) else None
 
 
 def _end_to_end(obj: Any) -> bool:
@@ -91,65 +73,21 @@ def detect(path: Path) -> bool:
         obj = read_torch(path)
     except UCGMError:
         return False
-    state, _ = _ema(obj)
-    if not isinstance(state, Mapping) or not all(isinstance(state.get(k), Tensor) for k in CORE_KEYS):
+    state = dit_style_state(obj)
+    if state is None:
         return False
-    hidden = state["x_embedder.proj.weight"].shape[0]
-    if state["blocks.0.adaLN_modulation.1.weight"].shape[0] != 6 * hidden:
-        return False
-    model = getattr(_args(obj), "model", None)
+    model = getattr(saved_args(obj), "model", None)
     return "bn.running_var" in state or "projectors.0.0.weight" in state or (
         isinstance(model, str) and model.startswith("SiT-"))
-
-
-_shape_error = functools.partial(shape_error, model=MODEL)
-
-
-def _num_heads(path: Path, hidden: int, patch: int, model_name: Any, requested: int | None) -> int:
-    """Heads from the saved args.model (upstream size table), else `requested`, else head size 64 (XL: 72)."""
-    match = _SIZE_NAME.match(model_name) if isinstance(model_name, str) else None
-    if match:
-        size_hidden, heads = SIT_SIZES[match.group(1)]
-        if (size_hidden, int(match.group(2))) != (hidden, patch):
-            raise UCGMError(f"{path}: args.model is {model_name!r} (hidden {size_hidden}, patch {match.group(2)}) but "
-                            f"the weights have hidden {hidden}, patch {patch}")
-        if requested is not None and requested != heads:
-            raise UCGMError(f"{path}: num_heads={requested} contradicts args.model {model_name!r} ({heads} heads)")
-        return heads
-    if requested is not None:
-        if requested < 1 or hidden % requested:
-            raise UCGMError(f"{path}: num_heads={requested} does not divide the hidden size {hidden}")
-        return int(requested)
-    heads = size_table_heads(hidden)
-    if heads is None:
-        raise UCGMError(f"{path}: cannot tell the number of attention heads of hidden size {hidden} (no upstream "
-                        f"size in args.model: {model_name!r}); " + PASS_HEADS)
-    return heads
 
 
 def _arch_kwargs(path: Path, state: Mapping[str, Tensor], args: argparse.Namespace | None,
                  num_heads: int | None) -> dict[str, Any]:
     """Constructor arguments of our SiT, read from tensor shapes (heads from args / override / size table)."""
-    geometry = dit_geometry(path, state, MODEL)
-    hidden, channels, patch = geometry["hidden_size"], geometry["in_channels"], geometry["patch_size"]
-    final = state["final_layer.linear.weight"]
-    if final.shape[0] != patch * patch * channels:
-        raise _shape_error(path, "final_layer.linear.weight", final, f"[{patch * patch * channels}, {hidden}]")
     if args is not None and getattr(args, "cfg_prob", 0.1) == 0:
         raise UCGMError(f"{path}: trained with cfg_prob 0 (args.cfg_prob), so its label table has no null-class row; "
                         "such unguided SiTs are not supported")
-    classes = label_classes(path, state, MODEL)
-    fc1 = state["blocks.0.mlp.fc1.weight"]
-    mlp_ratio = fc1.shape[0] / hidden
-    if int(hidden * mlp_ratio) != fc1.shape[0]:
-        raise _shape_error(path, "blocks.0.mlp.fc1.weight", fc1, f"[int({hidden} * mlp_ratio), {hidden}]")
-    return {
-        **geometry,
-        "num_heads": _num_heads(path, hidden, patch, getattr(args, "model", None), num_heads),
-        "mlp_ratio": mlp_ratio,
-        "num_classes": classes,
-        "qk_norm": "blocks.0.attn.q_norm.weight" in state,
-    }
+    return sit_arch_kwargs(path, state, getattr(args, "model", None), num_heads, MODEL)
 
 
 def _stats_file(stats_path: Path, channels: int) -> tuple[list[float], list[float]]:
@@ -211,10 +149,10 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
     path = Path(path)
     overrides = given_overrides(path, overrides, OVERRIDES, "REPA-E")
     obj = read_torch(path)
-    weights, where = _ema(obj)
+    weights, where = sampling_weights(obj)
     state = tensor_dict(weights, str(path) + where)
-    require_keys(state, CORE_KEYS, f"{path}{where}", "REPA-E SiT state dict")
-    args = _args(obj)
+    require_keys(state, DIT_CORE_KEYS, f"{path}{where}", "REPA-E SiT state dict")
+    args = saved_args(obj)
     kwargs = _arch_kwargs(path, state, args, overrides.get("num_heads"))
     net = meta_network(SiT, kwargs, {k: v for k, v in state.items() if not _training_only(k)}, str(path) + where)
     channels, side = kwargs["in_channels"], kwargs["input_size"]

@@ -43,7 +43,7 @@ import torch
 from typer.testing import CliRunner
 
 import ucgm_convert as uc
-from ucgm_convert.adapters import detect_family, get_family, repa_e
+from ucgm_convert.adapters import common, detect_family, get_family
 from ucgm_convert.cli import app
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.vae import decode, load_vae
@@ -212,7 +212,7 @@ def test_heads_from_args_override_and_size_table(tmp_path: Path) -> None:
         ckpt["args"].model = "SiT-B/2"
     with pytest.raises(UCGMError, match=r"args.model is 'SiT-B/2' \(hidden 768, patch 2\)"):
         uc.load(rewrite("e2e", tmp_path, named_b2), **E2E_HEADS)
-    heads = repa_e._num_heads
+    heads = common.model_heads
     assert heads(Path("x"), 1152, 1, "SiT-XL/1", None) == 16
     assert heads(Path("x"), 768, 2, "SiT-B/2", None) == 12
     assert heads(Path("x"), 1152, 2, None, None) == 16

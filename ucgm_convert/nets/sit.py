@@ -1,7 +1,9 @@
-"""SiT (Ma et al. 2024), the DiT-style transformer REPA-E and our demo model use.
+"""SiT (Ma et al. 2024) = DiT (Peebles & Xie 2023): the transformer of REPA-E, REPA, SiT, DiT and our demo.
 
 State-dict keys equal upstream's (x_embedder.proj, t_embedder.mlp, y_embedder.embedding_table,
 pos_embed, blocks.N.{attn,mlp,adaLN_modulation}, final_layer) so released weights load as-is.
+`learn_sigma`: the final layer has 2C output channels (DiT's learned variance); the second half is
+dropped, as SiT's forward does. `time_scale`: the embedder sees time_scale * t (DiT: its timestep).
 """
 
 from __future__ import annotations
@@ -44,19 +46,22 @@ class SiT(nn.Module):
         mlp_ratio: float = 4.0,
         num_classes: int = 1000,
         qk_norm: bool = False,
+        learn_sigma: bool = False,
+        time_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.patch_size = patch_size
         self.input_size = input_size
         self.num_classes = num_classes
+        self.time_scale = time_scale
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         grid = input_size // patch_size
         self.pos_embed = nn.Parameter(sincos_2d(hidden_size, grid).unsqueeze(0), requires_grad=False)
         self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels * (2 if learn_sigma else 1))
 
     def initialize_weights(self) -> None:
         """DiT initialisation: xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output."""
@@ -78,10 +83,12 @@ class SiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """F(x_t, t, y): the first C output channels (a learned variance, when there is one, is dropped)."""
         height, width = x.shape[-2:]
         h = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y)
+        c = self.t_embedder(t * self.time_scale if self.time_scale != 1.0 else t) + self.y_embedder(y)
         for block in self.blocks:
             h = block(h, c)
         h = self.final_layer(h, c)
-        return unpatchify(h, self.in_channels, self.patch_size, height, width)
+        out_channels = h.shape[-1] // (self.patch_size * self.patch_size)
+        return unpatchify(h, out_channels, self.patch_size, height, width)[:, : self.in_channels]
