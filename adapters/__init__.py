@@ -13,14 +13,16 @@ from pathlib import Path
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.formats.torch_files import is_damaged_zip
 
-from . import ddt, edm2, lightningdit, repa_e, ucgm
+from . import ddt, dit, edm2, lightningdit, repa, repa_e, sit, ucgm
 from .family import IMAGENET, UNKNOWN_LICENSE, Family, License
 
 __all__ = ["FAMILIES", "IMAGENET", "UNKNOWN_LICENSE", "Family", "License", "detect_family", "family_names",
            "get_family"]
 
-# Detection order: our own format first, then the families whose files are the most specific.
-FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (ucgm, edm2, ddt, lightningdit, repa_e)}
+# Detection order: our own format first, then the families whose files are the most specific (REPA, SiT and
+# DiT before REPA-E, which also accepts any SiT-named container).
+FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY
+                               for m in (ucgm, edm2, ddt, lightningdit, repa, sit, dit, repa_e)}
 
 
 def family_names() -> tuple[str, ...]:
@@ -41,5 +43,11 @@ def detect_family(path: Path) -> Family:
         raise UCGMError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?)")
     for family in FAMILIES.values():
         if family.detect(path):
+            rivals = [name for name in family.confusable_with if FAMILIES[name].detect(path)]
+            if rivals:
+                names = " or ".join(repr(n) for n in (family.name, *rivals))
+                raise UCGMError(f"{path}: the contents fit {names} alike (same keys and shapes; a different "
+                                f"time convention and target); pass --family {family.name} or --family "
+                                f"{rivals[0]} (family= in Python)")
             return family
     raise UCGMError(f"{path}: not a checkpoint of any known family ({', '.join(FAMILIES)})")

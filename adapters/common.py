@@ -22,6 +22,7 @@ from ucgm_convert.errors import UCGMError
 from ucgm_convert.formats.statedict import load_state_dict_strict
 from ucgm_convert.formats.torch_files import read_torch
 from ucgm_convert.model import GenerativeModel, ModelConfig
+from ucgm_convert.nets.sit import SiT
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 # Upstream DiT / SiT / REPA size tables (DiT_models, SiT_models): name -> (hidden, heads); patch after the slash.
@@ -30,6 +31,7 @@ _SIZE_NAME = re.compile(r"^(SiT|DiT)-(S|B|L|XL)/(\d+)$")
 # SD-VAE latents as DiT, SiT, REPA and DDT sample them: decode z = m / 0.18215 with stabilityai/sd-vae-ft-ema.
 SD_VAE = {"name": "sd-vae", "source": "stabilityai/sd-vae-ft-ema", "latent_mean": 0.0,
           "latent_std": 1 / 0.18215, "pixel_range": "-1,1"}
+SD_VAE_FACTOR = 8  # image side / latent side
 # Keys every DiT-style transformer (DiT, SiT, REPA, REPA-E) has.
 DIT_CORE_KEYS = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "blocks.0.attn.qkv.weight",
                  "blocks.0.mlp.fc1.weight", "blocks.0.adaLN_modulation.1.weight", "final_layer.linear.weight")
@@ -247,3 +249,39 @@ def frozen_model(net: nn.Module, config: ModelConfig, device: torch.device | str
                  dtype: torch.dtype | None) -> GenerativeModel:
     """The GenerativeModel of `net` and `config` on `device` (and `dtype`, None: as is), in eval mode, frozen."""
     return GenerativeModel(net, config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def plain_dit_kind(path: Path, obj: Any) -> str | None:
+    """"SiT" / "DiT" for a plain DiT-style checkpoint (no REPA projectors, no REPA-E bn), else None.
+
+    DiT and SiT weights have the same keys and shapes: a train.py container tells by args.model, a bare
+    state dict only by its name (upstream releases: DiT-XL-2-256x256.pt, SiT-XL-2-256.pt); "" = no hint.
+    """
+    state = dit_style_state(obj)
+    if state is None or any(k.startswith(("projectors.", "bn.")) for k in state):
+        return None
+    model = getattr(saved_args(obj), "model", None)
+    if isinstance(model, str):
+        return model[:3] if model[:4] in ("SiT-", "DiT-") else None
+    name = path.name.lower()
+    return "SiT" if name.startswith("sit") else "DiT" if name.startswith("dit") else ""
+
+
+def dit_style_model(path: Path, state: Mapping[str, Tensor], args: argparse.Namespace | None, where: str, *,
+                    family: str, model: str, transport: str, recipe: str | Mapping[int, str] | None,
+                    num_heads: int | None,
+                    learn_sigma: bool | None, extra: Mapping[str, Any] | None = None,
+                    device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> GenerativeModel:
+    """The SiT network of a DiT-style `state` (training-only keys already dropped) on SD-VAE latents, frozen.
+
+    `extra`: SiT constructor arguments the weights cannot show (DiT's time_scale); `recipe` may map the
+    image resolution to the recipe name.
+    """
+    require_keys(state, DIT_CORE_KEYS, f"{path}{where}", f"{model} state dict")
+    kwargs = {**sit_arch_kwargs(path, state, getattr(args, "model", None), num_heads, model, learn_sigma),
+              **(extra or {})}
+    net = meta_network(SiT, kwargs, state, str(path) + where)
+    if isinstance(recipe, Mapping):
+        recipe = recipe.get(SD_VAE_FACTOR * kwargs["input_size"])
+    config = dit_config(family, "sit", kwargs, transport, kwargs["input_size"], dict(SD_VAE), recipe)
+    return frozen_model(net, config, device, dtype)

@@ -61,3 +61,5 @@ class Family:
     vae_defaults: Mapping[str, Any] = field(default_factory=dict)
     latent_stats_in_checkpoint: bool = False
     guidance_channels: int | None = None  # leading channels its published guidance touches (None: all)
+    # Families whose files can hold the same keys and shapes (DiT / SiT): detection refuses to guess between them.
+    confusable_with: tuple[str, ...] = ()

@@ -1,0 +1,76 @@
+"""DiT (facebookresearch/DiT): the released DiT-XL/2 256x256 / 512x512 state dicts, or a train.py checkpoint.
+
+Files: a torch zip, the released `DiT-XL-2-256x256.pt` / `DiT-XL-2-512x512.pt` (bare EMA state dicts), or
+train.py's container {"model", "ema", "opt", "args"} (`args.model` "DiT-XL/2", image_size). Sampling uses
+`ema` (download.find_model). The network is SiT's (same keys, shapes and forward; DiT was first): it
+outputs 2C channels, epsilon and the learned variance interpolation; the variance half is dropped (UCGM
+samples deterministically from the epsilon prediction). SiT files have the same keys and shapes: a bare
+file is told apart by its name (DiT*), else `--family dit` / `--family sit` decides.
+
+Transport: DDPM's discrete VP schedule, betas linear in [1e-4, 0.02] over 1000 steps, x_t =
+sqrt(abar_i) x + sqrt(1 - abar_i) eps with target eps (diffusion/gaussian_diffusion.py): the DiscreteVP
+transport, whose continuous t maps to DiT's timestep input i = TIMESTEPS_PER_UNIT * t (`time_scale`).
+Latents: SD-VAE ft-EMA (sample_ddp.py default --vae ema), z = m / 0.18215.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ucgm_convert.adapters.common import (
+    SD_VAE,
+    dit_style_model,
+    given_overrides,
+    plain_dit_kind,
+    sampling_weights,
+    saved_args,
+)
+from ucgm_convert.adapters.family import IMAGENET, Family, License
+from ucgm_convert.errors import UCGMError
+from ucgm_convert.formats.torch_files import read_torch, tensor_dict
+from ucgm_convert.model import GenerativeModel
+
+NAME = "dit"
+OVERRIDES = ("num_heads",)
+TRANSPORT = "DiscreteVP"
+TIMESTEPS_PER_UNIT = 999.0  # DiscreteVP: t in [0, 1] <-> DiT timestep t * 999 (0: data end, 999: noise end)
+RECIPES = {256: "dit-256", 512: "dit-512"}  # image resolution (SD-VAE: 8 x the latent side) -> recipe
+MODEL = "a DiT"  # completes the shape errors' "expected ... for"
+
+
+def detect(path: Path) -> bool:
+    """A plain DiT-style file that args.model or its name says is a DiT (or that nothing says is a SiT)."""
+    try:
+        return plain_dit_kind(path, read_torch(path)) in ("DiT", "")
+    except UCGMError:
+        return False
+
+
+def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+         **overrides: Any) -> GenerativeModel:
+    """Load the EMA DiT as a DiscreteVP epsilon model on SD-VAE latents (the learned-sigma channels dropped)."""
+    path = Path(path)
+    overrides = given_overrides(path, overrides, OVERRIDES, "DiT")
+    obj = read_torch(path)
+    weights, where = sampling_weights(obj)
+    return dit_style_model(path, tensor_dict(weights, str(path) + where), saved_args(obj), where, family=NAME,
+                           model=MODEL, transport=TRANSPORT, recipe=RECIPES, num_heads=overrides.get("num_heads"),
+                           learn_sigma=None, extra={"time_scale": TIMESTEPS_PER_UNIT}, device=device, dtype=dtype)
+
+
+FAMILY = Family(
+    name=NAME,
+    title="DiT",
+    detect=detect,
+    load=load,
+    license=License("cc-by-nc-4.0", "DiT (facebookresearch/DiT, LICENSE.txt @ed81ce2) is released under CC BY-NC "
+                    "4.0: non-commercial use only."),
+    dataset=IMAGENET,
+    default_recipe="dit-256",
+    overrides=OVERRIDES,
+    vae_defaults={k: v for k, v in SD_VAE.items() if k != "source"},
+    confusable_with=("sit",),
+)

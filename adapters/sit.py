@@ -1,0 +1,82 @@
+"""SiT (willisma/SiT): the released SiT-XL/2 256x256 state dict, or a train.py checkpoint.
+
+Files: a torch zip, the released `SiT-XL-2-256.pt` (a bare EMA state dict with DiT's keys), or
+train.py's container {"model", "ema", "opt", "args"} (`args.model` "SiT-XL/2", path_type, prediction).
+Sampling uses `ema` (download.find_model). The released 256x256 model has a learned sigma
+(sample.py: learn_sigma = image_size == 256): the final layer has 2C outputs and SiT's forward keeps
+the first C (the velocity), as ours does. DiT files have the same keys and shapes: a bare file is told
+apart by its name (SiT*), else `--family sit` / `--family dit` decides.
+
+Transport: path_type "Linear", prediction "velocity": x_t = t x + (1 - t) eps (t = 0 noise, t = 1 data;
+transport/path.py ICPlan) with target x - eps, i.e. our ReLinear exactly, t fed raw. Latents:
+SD-VAE ft-EMA (sample_ddp.py default --vae ema), z = m / 0.18215.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ucgm_convert.adapters.common import (
+    SD_VAE,
+    dit_style_model,
+    given_overrides,
+    plain_dit_kind,
+    sampling_weights,
+    saved_args,
+)
+from ucgm_convert.adapters.family import IMAGENET, Family, License
+from ucgm_convert.errors import UCGMError
+from ucgm_convert.formats.torch_files import read_torch, tensor_dict
+from ucgm_convert.model import GenerativeModel
+
+NAME = "sit"
+OVERRIDES = ("num_heads",)
+MODEL = "a SiT"  # completes the shape errors' "expected ... for"
+
+
+def detect(path: Path) -> bool:
+    """A plain DiT-style file that args.model or its name says is a SiT (or that nothing says is a DiT)."""
+    try:
+        return plain_dit_kind(path, read_torch(path)) in ("SiT", "")
+    except UCGMError:
+        return False
+
+
+def _check_args(path: Path, args: argparse.Namespace | None) -> None:
+    """Only a Linear path with velocity prediction is a ReLinear model (GVP / VP, score / noise are not)."""
+    path_type, prediction = getattr(args, "path_type", "Linear"), getattr(args, "prediction", "velocity")
+    if path_type != "Linear" or prediction != "velocity":
+        raise UCGMError(f"{path}: args.path_type is {path_type!r} and args.prediction {prediction!r}; only SiT's "
+                        "path_type 'Linear' with prediction 'velocity' (the released setting) is supported")
+
+
+def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+         **overrides: Any) -> GenerativeModel:
+    """Load the EMA SiT as a ReLinear model on SD-VAE latents (a learned sigma's channels dropped)."""
+    path = Path(path)
+    overrides = given_overrides(path, overrides, OVERRIDES, "SiT")
+    obj = read_torch(path)
+    weights, where = sampling_weights(obj)
+    args = saved_args(obj)
+    _check_args(path, args)
+    return dit_style_model(path, tensor_dict(weights, str(path) + where), args, where, family=NAME, model=MODEL,
+                           transport="ReLinear", recipe="sit", num_heads=overrides.get("num_heads"),
+                           learn_sigma=None, device=device, dtype=dtype)
+
+
+FAMILY = Family(
+    name=NAME,
+    title="SiT",
+    detect=detect,
+    load=load,
+    license=License("mit", "SiT (willisma/SiT, LICENSE.txt @947f95b) is released under the MIT license."),
+    dataset=IMAGENET,
+    default_recipe="sit",
+    overrides=OVERRIDES,
+    vae_defaults={k: v for k, v in SD_VAE.items() if k != "source"},
+    confusable_with=("dit",),
+)
