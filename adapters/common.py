@@ -269,17 +269,14 @@ def plain_dit_kind(path: Path, obj: Any) -> str | None:
 
 def dit_style_model(path: Path, state: Mapping[str, Tensor], args: argparse.Namespace | None, where: str, *,
                     family: str, model: str, transport: str, recipe: str | Mapping[int, str] | None,
-                    num_heads: int | None,
-                    learn_sigma: bool | None, extra: Mapping[str, Any] | None = None,
-                    device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> GenerativeModel:
+                    num_heads: int | None, learn_sigma: bool | None, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | None = None) -> GenerativeModel:
     """The SiT network of a DiT-style `state` (training-only keys already dropped) on SD-VAE latents, frozen.
 
-    `extra`: SiT constructor arguments the weights cannot show (DiT's time_scale); `recipe` may map the
-    image resolution to the recipe name.
+    `recipe` may map the image resolution (8 x the latent side) to the recipe name.
     """
     require_keys(state, DIT_CORE_KEYS, f"{path}{where}", f"{model} state dict")
-    kwargs = {**sit_arch_kwargs(path, state, getattr(args, "model", None), num_heads, model, learn_sigma),
-              **(extra or {})}
+    kwargs = sit_arch_kwargs(path, state, getattr(args, "model", None), num_heads, model, learn_sigma)
     net = meta_network(SiT, kwargs, state, str(path) + where)
     if isinstance(recipe, Mapping):
         recipe = recipe.get(SD_VAE_FACTOR * kwargs["input_size"])

@@ -9,7 +9,8 @@ file is told apart by its name (DiT*), else `--family dit` / `--family sit` deci
 
 Transport: DDPM's discrete VP schedule, betas linear in [1e-4, 0.02] over 1000 steps, x_t =
 sqrt(abar_i) x + sqrt(1 - abar_i) eps with target eps (diffusion/gaussian_diffusion.py): the DiscreteVP
-transport, whose continuous t maps to DiT's timestep input i = TIMESTEPS_PER_UNIT * t (`time_scale`).
+transport: DiT's timestep k sits at t = (k + 1) / 1000 (t = 0 clean data), and the network receives
+DiscreteVP.network_time(t) = clamp(1000 t - 1, 0, 999), DiT's own timestep input.
 Latents: SD-VAE ft-EMA (sample_ddp.py default --vae ema), z = m / 0.18215.
 """
 
@@ -36,7 +37,6 @@ from ucgm_convert.model import GenerativeModel
 NAME = "dit"
 OVERRIDES = ("num_heads",)
 TRANSPORT = "DiscreteVP"
-TIMESTEPS_PER_UNIT = 999.0  # DiscreteVP: t in [0, 1] <-> DiT timestep t * 999 (0: data end, 999: noise end)
 RECIPES = {256: "dit-256", 512: "dit-512"}  # image resolution (SD-VAE: 8 x the latent side) -> recipe
 MODEL = "a DiT"  # completes the shape errors' "expected ... for"
 
@@ -58,7 +58,7 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
     weights, where = sampling_weights(obj)
     return dit_style_model(path, tensor_dict(weights, str(path) + where), saved_args(obj), where, family=NAME,
                            model=MODEL, transport=TRANSPORT, recipe=RECIPES, num_heads=overrides.get("num_heads"),
-                           learn_sigma=None, extra={"time_scale": TIMESTEPS_PER_UNIT}, device=device, dtype=dtype)
+                           learn_sigma=None, device=device, dtype=dtype)
 
 
 FAMILY = Family(

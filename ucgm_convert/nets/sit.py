@@ -3,7 +3,7 @@
 State-dict keys equal upstream's (x_embedder.proj, t_embedder.mlp, y_embedder.embedding_table,
 pos_embed, blocks.N.{attn,mlp,adaLN_modulation}, final_layer) so released weights load as-is.
 `learn_sigma`: the final layer has 2C output channels (DiT's learned variance); the second half is
-dropped, as SiT's forward does. `time_scale`: the embedder sees time_scale * t (DiT: its timestep).
+dropped, as SiT's forward does. The time is embedded as given (the model passes transport.network_time).
 """
 
 from __future__ import annotations
@@ -47,14 +47,12 @@ class SiT(nn.Module):
         num_classes: int = 1000,
         qk_norm: bool = False,
         learn_sigma: bool = False,
-        time_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.patch_size = patch_size
         self.input_size = input_size
         self.num_classes = num_classes
-        self.time_scale = time_scale
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
@@ -86,7 +84,7 @@ class SiT(nn.Module):
         """F(x_t, t, y): the first C output channels (a learned variance, when there is one, is dropped)."""
         height, width = x.shape[-2:]
         h = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t * self.time_scale if self.time_scale != 1.0 else t) + self.y_embedder(y)
+        c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
             h = block(h, c)
         h = self.final_layer(h, c)
