@@ -15,7 +15,8 @@ import torch
 import ucgm_convert as uc
 from ucgm_convert.transports import Transport
 
-NAMES = ("Linear", "ReLinear", "TrigFlow", "EDM")
+NAMES = ("Linear", "ReLinear", "TrigFlow", "EDM", "TrigLinear", "Random")
+ALL_NAMES = (*NAMES, "DiscreteVP")  # DiscreteVP (a table, not a formula) has its own test module
 
 
 # --- the formulas of the method notes, on Python floats -------------------------------------
@@ -46,6 +47,10 @@ FORMULAS = {
         lambda t: -0.5 / _edm_n(t),
         lambda t: 2 * _edm_sigma(t) / _edm_n(t),
     ),
+    # TrigLinear: TrigFlow's path with Linear's target
+    "TrigLinear": (lambda t: math.sin(1.57 * t), lambda t: math.cos(1.57 * t), lambda t: 1.0, lambda t: -1.0),
+    # "Random" is a fixed transport despite its name (methods/transports/random.py)
+    "Random": (lambda t: math.sin(1.57 * t), lambda t: 1 - t, lambda t: 1.0, lambda t: -1 - math.exp(-5 * t)),
 }
 
 # 101 times covering [0, 1] including both endpoints, plus a few irregular ones.
@@ -100,7 +105,7 @@ def test_trigflow_uses_1_57_not_half_pi():
     assert T.alpha_in(one).item() < 1.0
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ("Linear", "ReLinear", "TrigFlow", "EDM"))
 def test_dent_is_constant_and_never_zero(name):
     """dent = alpha_in gamma_to - gamma_in alpha_to: -1, 1, -(sin^2+cos^2) = -1 and
     (2 sigma^2 + 1/2)/n^2 = 2, so no transport is singular anywhere on [0, 1], endpoints included."""
@@ -123,6 +128,17 @@ def test_coefficients_keep_shape_and_dtype(name, dtype):
         assert torch.is_tensor(value)
         assert value.shape == t.shape
         assert value.dtype == dtype
+
+
+@pytest.mark.parametrize("name", ("TrigLinear", "Random"))
+def test_varying_dent_stays_away_from_zero(name):
+    """TrigLinear: dent = -(sin + cos)(1.57 t), in [-1.415, -1]; Random: -sin(1.57 t)(1 + e^-5t) - (1 - t),
+    in [-1.268, -1]: both bounded away from 0 on [0, 1] (measured on 10001 points)."""
+    T = uc.get_transport(name)
+    t = torch.linspace(0, 1, 10001, dtype=torch.float64)
+    a, g, ao, go = (torch.tensor([fn(v) for v in t.tolist()], dtype=torch.float64) for fn in FORMULAS[name])
+    torch.testing.assert_close(T.dent(t), a * go - g * ao, rtol=1e-12, atol=1e-12)
+    assert T.dent(t).max().item() < -0.99
 
 
 # --- exact recovery of x and z from (x_t, F) ------------------------------------------------
@@ -190,7 +206,8 @@ def test_predictions_are_consistent_for_arbitrary_outputs(name):
 # --- integration direction ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, forward", [("Linear", False), ("ReLinear", True), ("TrigFlow", False), ("EDM", False)])
+@pytest.mark.parametrize("name, forward", [("Linear", False), ("ReLinear", True), ("TrigFlow", False), ("EDM", False),
+                                           ("TrigLinear", False), ("Random", False), ("DiscreteVP", False)])
 def test_integration_direction(name, forward):
     assert uc.get_transport(name).integrates_forward is forward
 
@@ -243,11 +260,12 @@ def test_unknown_name_lists_the_known_ones():
         uc.get_transport("nope")
     message = str(info.value)
     assert "nope" in message
-    for name in NAMES:
+    for name in ALL_NAMES:
         assert name in message
 
 
-@pytest.mark.parametrize("spelling", ["linear", "LINEAR", "Linear", "relinear", "ReLINEAR", "trigflow", "TRIGFLOW", "edm", "Edm"])
+@pytest.mark.parametrize("spelling", ["linear", "LINEAR", "Linear", "relinear", "ReLINEAR", "trigflow", "TRIGFLOW", "edm", "Edm",
+                                      "triglinear", "RANDOM", "discretevp"])
 def test_names_are_case_insensitive(spelling):
     T = uc.get_transport(spelling)
     assert T.name.lower() == spelling.lower()
@@ -255,8 +273,8 @@ def test_names_are_case_insensitive(spelling):
 
 
 def test_known_transports_and_distinct_instances():
-    assert set(uc.TRANSPORTS) == set(NAMES)
-    for name in NAMES:
+    assert set(uc.TRANSPORTS) == set(ALL_NAMES)
+    for name in ALL_NAMES:
         T = uc.get_transport(name)
         assert type(T).__name__ == name
         assert isinstance(T, uc.TRANSPORTS[name])

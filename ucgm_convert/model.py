@@ -65,7 +65,8 @@ class GenerativeModel(nn.Module):
         return cls(build_network(config.arch, **config.arch_kwargs), config)
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        return self.net(x_t, t, y)
+        """F at transport time t; the network gets the time it was trained on, `transport.network_time(t)`."""
+        return self.net(x_t, self.transport.network_time(t), y)
 
     @property
     def family(self) -> str:

@@ -10,11 +10,14 @@ recovered from (x_t, F):
 
     z = (x_t * gamma_to - F * gamma_in) / dent,    x = (F * alpha_in - x_t * alpha_to) / dent
 
-Values follow the UCGM reference implementation (LINs-lab/UCGM, methods/transports/).
+Values follow the UCGM reference implementation (LINs-lab/UCGM, methods/transports/), except
+DiscreteVP (DiT's discrete schedule, which the reference lacks). `network_time(t)` is the time
+input the network was trained with (t itself, except DiscreteVP's timestep index).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -56,6 +59,10 @@ class Transport:
         x_hat = (f * self.alpha_in(t) - x_t * self.alpha_to(t)) / dent
         z_hat = (x_t * self.gamma_to(t) - f * self.gamma_in(t)) / dent
         return x_hat, z_hat
+
+    def network_time(self, t: Tensor) -> Tensor:
+        """The time input the network was trained on at transport time t; the identity by default."""
+        return t
 
     @property
     def integrates_forward(self) -> bool:
@@ -173,8 +180,96 @@ class EDM(Transport):
         return 2 * self.sigma(t) / self._norm(t)
 
 
+class TrigLinear(Transport):
+    """Trigonometric path with a linear target: x_t = sin(1.57 t) z + cos(1.57 t) x, F = z - x."""
+
+    name = "TrigLinear"
+
+    def alpha_in(self, t: Tensor) -> Tensor:
+        return torch.sin(t * HALF_PI)
+
+    def gamma_in(self, t: Tensor) -> Tensor:
+        return torch.cos(t * HALF_PI)
+
+    def alpha_to(self, t: Tensor) -> Tensor:
+        return _const(t, 1.0)
+
+    def gamma_to(self, t: Tensor) -> Tensor:
+        return _const(t, -1.0)
+
+
+class Random(Transport):
+    """The reference's "Random" transport, a fixed (not random) mixed path:
+    x_t = sin(1.57 t) z + (1-t) x, F = z - (1 + exp(-5 t)) x."""
+
+    name = "Random"
+
+    def alpha_in(self, t: Tensor) -> Tensor:
+        return torch.sin(t * HALF_PI)
+
+    def gamma_in(self, t: Tensor) -> Tensor:
+        return 1 - t
+
+    def alpha_to(self, t: Tensor) -> Tensor:
+        return _const(t, 1.0)
+
+    def gamma_to(self, t: Tensor) -> Tensor:
+        return -1 - torch.exp(-5 * t)
+
+
+class DiscreteVP(Transport):
+    """DiT's discrete VP schedule with epsilon prediction: x_t = sqrt(1-abar) z + sqrt(abar) x, F = z.
+
+    betas = linspace(1e-4, 0.02, 1000) and abar_k = prod_{i<=k}(1 - beta_i) (float64, as DiT).
+    Timestep k in 0..999 sits at t = (k + 1) / 1000 and t = 0 is clean data (abar = 1, DDPM's
+    alphas_cumprod_prev[0]): alpha_in(0) = 0, so sampling runs t: 1 -> 0 like Linear. Between steps
+    abar is interpolated geometrically (log-linearly), which is exact at every step.
+    """
+
+    name = "DiscreteVP"
+
+    def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, steps: int = 1000) -> None:
+        self.steps = steps
+        betas = np.linspace(beta_start, beta_end, steps, dtype=np.float64)  # numpy's, bit for bit DiT's
+        self.table = torch.from_numpy(np.append(1.0, np.cumprod(1.0 - betas)))
+
+    def _position(self, t: Tensor) -> Tensor:
+        """s = steps t in float64, snapped to the integer within 1e-9 so that float64 t = k/steps is exact."""
+        s = t.to(torch.float64) * self.steps
+        whole = s.round()
+        return torch.where((s - whole).abs() < 1e-9, whole, s)
+
+    def alphas_cumprod(self, t: Tensor) -> Tensor:
+        """abar(t) in float64: A_j^(1-f) A_{j+1}^f at s = steps t = j + f, A = [1, abar_0, ..., abar_999]."""
+        s = self._position(t)
+        j = s.floor().clamp(0, self.steps - 1)
+        frac = s - j
+        table = self.table.to(s.device)
+        j = j.long()
+        return table[j] ** (1 - frac) * table[j + 1] ** frac
+
+    def network_time(self, t: Tensor) -> Tensor:
+        """DiT's timestep k = steps t - 1, clamped to the trained range [0, steps - 1]."""
+        return (self._position(t) - 1).clamp(0, self.steps - 1).to(t.dtype)
+
+    def alpha_in(self, t: Tensor) -> Tensor:
+        return (1 - self.alphas_cumprod(t)).clamp(min=0).sqrt().to(t.dtype)
+
+    def gamma_in(self, t: Tensor) -> Tensor:
+        return self.alphas_cumprod(t).sqrt().to(t.dtype)
+
+    def alpha_to(self, t: Tensor) -> Tensor:
+        return _const(t, 1.0)
+
+    def gamma_to(self, t: Tensor) -> Tensor:
+        return _const(t, 0.0)
+
+    def __repr__(self) -> str:
+        return f"DiscreteVP(steps={self.steps})"
+
+
 TRANSPORTS: dict[str, type[Transport]] = {
-    cls.name: cls for cls in (Linear, ReLinear, TrigFlow, EDM)
+    cls.name: cls for cls in (Linear, ReLinear, TrigFlow, EDM, TrigLinear, Random, DiscreteVP)
 }
 
 
