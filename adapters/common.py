@@ -32,6 +32,8 @@ _SIZE_NAME = re.compile(r"^(SiT|DiT)-(S|B|L|XL)/(\d+)$")
 SD_VAE = {"name": "sd-vae", "source": "stabilityai/sd-vae-ft-ema", "latent_mean": 0.0,
           "latent_std": 1 / 0.18215, "pixel_range": "-1,1"}
 SD_VAE_FACTOR = 8  # image side / latent side
+# DiT's and SiT's forward_with_cfg guide eps[:, :3] only ("for exact reproducibility"), the rest unguided.
+DIT_GUIDED_CHANNELS = 3
 # Keys every DiT-style transformer (DiT, SiT, REPA, REPA-E) has.
 DIT_CORE_KEYS = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "blocks.0.attn.qkv.weight",
                  "blocks.0.mlp.fc1.weight", "blocks.0.adaLN_modulation.1.weight", "final_layer.linear.weight")
@@ -269,16 +271,18 @@ def plain_dit_kind(path: Path, obj: Any) -> str | None:
 
 def dit_style_model(path: Path, state: Mapping[str, Tensor], args: argparse.Namespace | None, where: str, *,
                     family: str, model: str, transport: str, recipe: str | Mapping[int, str] | None,
-                    num_heads: int | None, learn_sigma: bool | None, device: torch.device | str = "cpu",
-                    dtype: torch.dtype | None = None) -> GenerativeModel:
+                    num_heads: int | None, learn_sigma: bool | None, guidance_channels: int | None = None,
+                    device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> GenerativeModel:
     """The SiT network of a DiT-style `state` (training-only keys already dropped) on SD-VAE latents, frozen.
 
-    `recipe` may map the image resolution (8 x the latent side) to the recipe name.
+    `recipe` may map the image resolution (8 x the latent side) to the recipe name; `guidance_channels`: the
+    leading channels the family's published guidance touches (None: all).
     """
     require_keys(state, DIT_CORE_KEYS, f"{path}{where}", f"{model} state dict")
     kwargs = sit_arch_kwargs(path, state, getattr(args, "model", None), num_heads, model, learn_sigma)
     net = meta_network(SiT, kwargs, state, str(path) + where)
     if isinstance(recipe, Mapping):
         recipe = recipe.get(SD_VAE_FACTOR * kwargs["input_size"])
-    config = dit_config(family, "sit", kwargs, transport, kwargs["input_size"], dict(SD_VAE), recipe)
+    config = dit_config(family, "sit", kwargs, transport, kwargs["input_size"], dict(SD_VAE), recipe,
+                        guidance_channels)
     return frozen_model(net, config, device, dtype)

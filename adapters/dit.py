@@ -12,6 +12,7 @@ sqrt(abar_i) x + sqrt(1 - abar_i) eps with target eps (diffusion/gaussian_diffus
 transport: DiT's timestep k sits at t = (k + 1) / 1000 (t = 0 clean data), and the network receives
 DiscreteVP.network_time(t) = clamp(1000 t - 1, 0, 999), DiT's own timestep input.
 Latents: SD-VAE ft-EMA (sample_ddp.py default --vae ema), z = m / 0.18215.
+Guidance: upstream's forward_with_cfg guides the first 3 latent channels only (guidance_channels 3).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from ucgm_convert.adapters.common import (
+    DIT_GUIDED_CHANNELS,
     SD_VAE,
     dit_style_model,
     given_overrides,
@@ -58,7 +60,8 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
     weights, where = sampling_weights(obj)
     return dit_style_model(path, tensor_dict(weights, str(path) + where), saved_args(obj), where, family=NAME,
                            model=MODEL, transport=TRANSPORT, recipe=RECIPES, num_heads=overrides.get("num_heads"),
-                           learn_sigma=None, device=device, dtype=dtype)
+                           learn_sigma=None,
+                           guidance_channels=DIT_GUIDED_CHANNELS, device=device, dtype=dtype)
 
 
 FAMILY = Family(
@@ -72,5 +75,6 @@ FAMILY = Family(
     default_recipe="dit-256",
     overrides=OVERRIDES,
     vae_defaults={k: v for k, v in SD_VAE.items() if k != "source"},
+    guidance_channels=DIT_GUIDED_CHANNELS,
     confusable_with=("sit",),
 )

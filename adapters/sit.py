@@ -10,6 +10,7 @@ apart by its name (SiT*), else `--family sit` / `--family dit` decides.
 Transport: path_type "Linear", prediction "velocity": x_t = t x + (1 - t) eps (t = 0 noise, t = 1 data;
 transport/path.py ICPlan) with target x - eps, i.e. our ReLinear exactly, t fed raw. Latents:
 SD-VAE ft-EMA (sample_ddp.py default --vae ema), z = m / 0.18215.
+Guidance: upstream's forward_with_cfg guides the first 3 latent channels only (guidance_channels 3).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from ucgm_convert.adapters.common import (
+    DIT_GUIDED_CHANNELS,
     SD_VAE,
     dit_style_model,
     given_overrides,
@@ -65,7 +67,8 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
     _check_args(path, args)
     return dit_style_model(path, tensor_dict(weights, str(path) + where), args, where, family=NAME, model=MODEL,
                            transport="ReLinear", recipe="sit", num_heads=overrides.get("num_heads"),
-                           learn_sigma=None, device=device, dtype=dtype)
+                           learn_sigma=None,
+                           guidance_channels=DIT_GUIDED_CHANNELS, device=device, dtype=dtype)
 
 
 FAMILY = Family(
@@ -78,5 +81,6 @@ FAMILY = Family(
     default_recipe="sit",
     overrides=OVERRIDES,
     vae_defaults={k: v for k, v in SD_VAE.items() if k != "source"},
+    guidance_channels=DIT_GUIDED_CHANNELS,
     confusable_with=("dit",),
 )
