@@ -356,7 +356,7 @@ def test_missing_required_key(tmp_path: Path, path: str) -> None:
 def test_optional_sections_may_be_left_out(tmp_path: Path) -> None:
     data = _base()
     for key in ("few_step_sampling", "tuning", "paper_before", "paper_after", "paper_tuned", "checkpoint",
-                "description", "source"):
+                "description", "source", "borrowed"):
         del data[key]
     data["sampling"] = {"steps": 10}
     recipe = load_recipe(_write(tmp_path, data))

@@ -8,17 +8,18 @@ one UCGMError naming the file and the field path, e.g.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
 from .adapters import family_names
 from .errors import UCGMError
-from .settings.base import Describe, Float, Int, NonEmpty, Settings, SettingsError
+from .settings.base import Describe, Float, Int, NonEmpty, Settings, SettingsError, nested_model
 from .settings.sampling import SamplingSettings
 from .settings.tuning import TuningSettings
 from .transports import TRANSPORTS, get_transport
@@ -57,6 +58,10 @@ class PaperResult(Settings):
     note: str = ""
 
 
+# Recipe fields that describe the recipe itself, not a value taken from a source (never "borrowed").
+META_FIELDS = ("name", "description", "borrowed", "source")
+
+
 class Recipe(Settings):
     """Everything needed to sample and tune one source model the published way."""
 
@@ -80,6 +85,23 @@ class Recipe(Settings):
     paper_after: PaperResult | None = None
     paper_tuned: PaperResult | None = None
     source: str = ""
+    # Provenance: dotted path (tuning.lr) or whole section (tuning) -> the one-line source it was borrowed
+    # from (a field's own key wins over its section's); every value not covered is published (see `source`).
+    borrowed: Annotated[dict[str, NonEmpty], Describe(  # type: ignore[valid-type]
+        "a mapping of field paths (tuning.lr) or sections (tuning) to a non-empty one-line source")] = Field(
+        default_factory=dict)
+
+    @model_validator(mode="after")
+    def _borrowed_keys_exist(self) -> Recipe:
+        for key in self.borrowed:
+            _check_borrowed_key(self, key)
+        return self
+
+    def provenance(self, path: str) -> str:
+        """How a value at dotted `path` is known: "published" or "borrowed from FILE" (its own key wins over its
+        section's)."""
+        source = self.borrowed.get(path) or self.borrowed.get(path.split(".")[0])
+        return f"borrowed from {source}" if source else "published"
 
     def load_overrides(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """`uc.load` overrides: what the recipe fixes (encoder_depth), then the user's `given` ones."""
@@ -102,6 +124,26 @@ class Recipe(Settings):
     def to_yaml(self) -> str:
         """The recipe as YAML that `load_recipe` reads back to an equal Recipe."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check_borrowed_key(recipe: Recipe, key: str) -> None:
+    """A `borrowed:` key must name a value field, a present section, or SECTION.FIELD of one."""
+    fields = Recipe.model_fields
+    values = [name for name in fields if name not in META_FIELDS]
+    head, dot, rest = key.partition(".")
+    section = nested_model(fields[head].annotation) if head in values else None
+    if head not in values or (dot and section is None):
+        close = difflib.get_close_matches(key, values, n=1)
+        guess = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SettingsError(("borrowed", key), f"not a recipe field or section{guess}; expected one of "
+                            f"{', '.join(values)}, or SECTION.FIELD")
+    if section is not None and getattr(recipe, head) is None:
+        raise SettingsError(("borrowed", key), f"this recipe has no {head} section")
+    if dot and rest not in section.model_fields:  # type: ignore[union-attr]
+        names = list(section.model_fields)  # type: ignore[union-attr]
+        close = difflib.get_close_matches(rest, names, n=1)
+        guess = f" (did you mean {head + '.' + close[0]!r}?)" if close else ""
+        raise SettingsError(("borrowed", key), f"{head} has no field {rest!r}{guess}; its fields: {', '.join(names)}")
 
 
 # --------------------------------------------------------------------------------------------

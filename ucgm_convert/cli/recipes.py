@@ -9,9 +9,10 @@ from rich import box
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from ..console import stdout
-from ..recipe import Recipe, list_recipes, load_recipe, recipe_text
+from ..recipe import META_FIELDS, Recipe, list_recipes, load_recipe, recipe_text
 from ..settings import SamplingSettings, Settings
 from .common import clean_errors
 
@@ -65,40 +66,48 @@ def _format(value: Any) -> str:
 _SECTIONS = ("sampling", "few_step_sampling", "tuning", "paper_before", "paper_after", "paper_tuned")
 
 
-def _fields_table(obj: Settings, title: str, extra: dict[str, str] | None = None) -> Table:
-    """One row per scalar field of a recipe dataclass (sections get their own tables)."""
+def _fields_table(obj: Settings, title: str, recipe: Recipe, section: str = "",
+                 extra: dict[str, str] | None = None) -> Table:
+    """One row per scalar field of a recipe section: value and where it comes from (recipe.provenance)."""
     table = Table(title=title, title_justify="left", box=box.SIMPLE, show_header=False)
     table.add_column("field", style="cyan", no_wrap=True)
     table.add_column("value", overflow="fold")
+    table.add_column("source", overflow="fold")
     for name in type(obj).model_fields:
-        if name not in _SECTIONS:
-            table.add_row(name, _format(getattr(obj, name)))
+        if name in _SECTIONS or name in ("borrowed", "source"):
+            continue
+        source = "" if name in META_FIELDS else recipe.provenance(f"{section}.{name}" if section else name)
+        style = "yellow" if source.startswith("borrowed") else None
+        table.add_row(name, _format(getattr(obj, name)), source, style=style)
     for key, value in (extra or {}).items():
-        table.add_row(key, value, style="dim")
+        table.add_row(key, value, "derived", style="dim")
     return table
 
 
-def _sampling_table(settings: SamplingSettings, transport: str, title: str) -> Table:
+def _sampling_table(recipe: Recipe, section: str, title: str) -> Table:
+    settings: SamplingSettings = getattr(recipe, section)
     guidance = "off" if not settings.uses_guidance else f"{settings.cfg_scale:g} on {_format(settings.cfg_interval)}"
-    return _fields_table(settings, title, {
+    evaluations = settings.evaluations(recipe.transport)
+    return _fields_table(settings, title, recipe, section, {
         "guidance": guidance,
         "NFE (paper count)": settings.nfe_label,
-        "forward passes / sample": f"{settings.evaluations(transport)} (cond+uncond count 2 inside the interval)"
-        if settings.uses_guidance else str(settings.evaluations(transport)),
+        "forward passes / sample": f"{evaluations} (cond+uncond count 2 inside the interval)"
+        if settings.uses_guidance else str(evaluations),
     })
 
 
 def _papers_table(recipe: Recipe) -> Table | None:
-    rows = [("before (source sampler)", recipe.paper_before), ("after (UCGM-S)", recipe.paper_after),
-            ("tuned (UCGM-T)", recipe.paper_tuned)]
-    rows = [(label, result) for label, result in rows if result is not None]
+    rows = [("before (source sampler)", "paper_before"), ("after (UCGM-S)", "paper_after"),
+            ("tuned (UCGM-T)", "paper_tuned")]
+    rows = [(label, key) for label, key in rows if getattr(recipe, key) is not None]
     if not rows:
         return None
     table = Table(title="paper results (UCGM README)", title_justify="left", box=box.SIMPLE)
-    for column in ("", "NFE", "FID", "note"):
+    for column in ("", "NFE", "FID", "note", "source"):
         table.add_column(column, overflow="fold")
-    for label, result in rows:
-        table.add_row(label, result.nfe, f"{result.fid:g}", result.note)
+    for label, key in rows:
+        result = getattr(recipe, key)
+        table.add_row(label, result.nfe, f"{result.fid:g}", result.note, recipe.provenance(key))
     return table
 
 
@@ -113,12 +122,13 @@ def show_command(
         typer.echo(recipe_text(name), nl=False)
         return
     recipe = load_recipe(name)
-    parts: list[Any] = [_fields_table(recipe, f"recipe {recipe.name}")]
-    parts.append(_sampling_table(recipe.sampling, recipe.transport, "sampling (UCGM-S)"))
+    parts: list[Any] = [_fields_table(recipe, f"recipe {recipe.name}", recipe),
+                        Text(f"published values from: {recipe.source or '-'}\n", overflow="fold")]
+    parts.append(_sampling_table(recipe, "sampling", "sampling (UCGM-S)"))
     if recipe.few_step_sampling is not None:
-        parts.append(_sampling_table(recipe.few_step_sampling, recipe.transport, "few_step_sampling (after UCGM-T)"))
+        parts.append(_sampling_table(recipe, "few_step_sampling", "few_step_sampling (after UCGM-T)"))
     if recipe.tuning is not None:
-        parts.append(_fields_table(recipe.tuning, "tuning (UCGM-T)"))
+        parts.append(_fields_table(recipe.tuning, "tuning (UCGM-T)", recipe, "tuning"))
     papers = _papers_table(recipe)
     if papers is not None:
         parts.append(papers)

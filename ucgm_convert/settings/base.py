@@ -252,7 +252,7 @@ def _first_error(model: type[BaseModel], err: ValidationError, data: Any) -> Set
         path.append(part)
         info = fields[part]
         value = value.get(part) if isinstance(value, Mapping) else getattr(value, part, None)
-        nested = _nested_model(_split(info.annotation, info.metadata)[0])
+        nested = nested_model(_split(info.annotation, info.metadata)[0])
         if nested is not None and isinstance(value, Mapping):
             if part != loc[-1]:
                 cls = nested
@@ -297,7 +297,7 @@ def _all_metadata(hint: Any, meta: list[Any]) -> list[Any]:
     return found
 
 
-def _nested_model(hint: Any) -> type[BaseModel] | None:
+def nested_model(hint: Any) -> type[BaseModel] | None:
     """The settings model inside `hint` (X or X | None), if any."""
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     return next((o for o in options if isinstance(o, type) and issubclass(o, BaseModel)), None)
@@ -329,7 +329,7 @@ class Settings(BaseModel):
     def flat(cls: type[S], **values: Any) -> S:
         """Build a job config from flag-like keywords: each goes to this model's field of that name, else to
         the one nested section that has it (`TuneConfig.flat(out="o", recipe="demo", steps=100)`)."""
-        sections = {name: _nested_model(info.annotation) for name, info in cls.model_fields.items()}
+        sections = {name: nested_model(info.annotation) for name, info in cls.model_fields.items()}
         own: dict[str, Any] = {}
         nested: dict[str, dict[str, Any]] = {name: {} for name, model in sections.items() if model is not None}
         for key, value in values.items():
