@@ -27,8 +27,10 @@ from ucgm_convert.recipe import (
     recipe_text,
 )
 
-NAMES = ["ddt-256", "ddt-512", "demo", "edm2-l", "edm2-s", "edm2-xxl", "lightningdit", "repa-e"]
-REAL = [n for n in NAMES if n != "demo"]
+NAMES = ["ddt-256", "ddt-512", "demo", "dit-256", "dit-512", "edm2-l", "edm2-s", "edm2-xxl", "lightningdit", "repa",
+         "repa-e", "sit"]
+# Source models with published UCGM-S settings (the others borrow theirs: tests/test_recipes_families.py).
+REAL = ["ddt-256", "ddt-512", "edm2-l", "edm2-s", "edm2-xxl", "lightningdit", "repa-e"]
 
 # The published UCGM-S settings: LINs-lab/UCGM configs/sampling_multi_steps/*.yaml (sample:),
 # with the reference's cfg_scale 0.0 ("no CFG") written as 1.0.
@@ -80,6 +82,10 @@ TUNING = {
     "edm2-l": (0.5, 1.5, 5.0, 800, 1024, 0.0),
     "edm2-xxl": (0.5, 1.5, 5.0, 800, 1024, 0.0),
     "demo": (0.5, 1.3, 0.05, 100, 64, 0.1),
+    "repa": (0.6, 2.0, 5.0, 800, 1024, 0.1),
+    "sit": (0.5, 2.0, 5.0, 800, 1024, 0.1),
+    "dit-256": (0.6, 2.0, 5.0, 800, 1024, 0.1),
+    "dit-512": (0.6, 2.0, 5.0, 800, 1024, 0.1),
 }
 
 
@@ -92,7 +98,7 @@ def test_recipes_ship_as_package_data() -> None:
     files = sorted(
         entry.name for entry in resources.files("ucgm_convert.recipes").iterdir() if entry.name.endswith(".yaml")
     )
-    assert files == [f"{n}.yaml" for n in NAMES]
+    assert files == sorted(f"{n}.yaml" for n in NAMES)
     assert recipe_names() == NAMES
 
 
@@ -156,7 +162,8 @@ def test_repa_e_values_spelled_out() -> None:
 def test_paper_results_and_nfe_labels(name: str) -> None:
     (nfe0, fid0), (nfe1, fid1), tuned = PAPER[name]
     recipe = load_recipe(name)
-    assert recipe.paper_before == PaperResult(nfe=nfe0, fid=fid0, note=recipe.paper_before.note)
+    expected = PaperResult(nfe=nfe0, fid=fid0)
+    assert (recipe.paper_before.nfe, recipe.paper_before.fid) == (expected.nfe, expected.fid)
     assert (recipe.paper_after.nfe, recipe.paper_after.fid) == (nfe1, fid1)
     # Our NFE count of the recipe's settings is the paper's.
     assert recipe.sampling.nfe_label == nfe1
@@ -295,7 +302,7 @@ BAD_VALUES = [
     ("sampling.cfg_scale", "strong", "expected a number > 0"),
     ("sampling.cfg_interval", [0.8, 0.2], "lo <= hi"),
     ("transport", "Curvy", "one of 'Linear', 'ReLinear', 'TrigFlow', 'EDM', 'TrigLinear', 'Random', 'DiscreteVP', got 'Curvy'"),
-    ("family", "sd3", "one of 'ucgm', 'edm2', 'ddt', 'lightningdit', 'repa-e', got 'sd3'"),
+    ("family", "sd3", "one of 'ucgm', 'edm2', 'ddt', 'lightningdit', 'repa', 'sit', 'dit', 'repa-e', got 'sd3'"),
     ("resolution", "256px", "expected an integer >= 1"),
     ("num_classes", 0, "expected an integer >= 1"),
     ("model", "", "not empty"),

@@ -51,11 +51,23 @@ def _transport(name: str) -> str:
 
 
 class PaperResult(Settings):
-    """A published FID and its cost, as the UCGM README reports it."""
+    """A published FID and its cost, as the UCGM README reports it, with what it was measured on.
+
+    `checkpoint`: the exact weights (file name or URL) when a release has several (EDM2's EMA lengths);
+    `reference`: the FID reference statistics it was computed against.
+    """
 
     nfe: Annotated[Any, AfterValidator(_nfe_text), Describe('an NFE such as 40, "2" or "250x2"')]
     fid: Float = Field(gt=0.0)
     note: str = ""
+    checkpoint: str = ""
+    reference: str = ""
+
+    def details(self) -> str:
+        """The note, then the checkpoint and reference statistics when stated (one line for tables)."""
+        parts = [self.note, f"checkpoint {self.checkpoint}" if self.checkpoint else "",
+                 f"reference statistics {self.reference}" if self.reference else ""]
+        return "; ".join(p for p in parts if p)
 
 
 # Recipe fields that describe the recipe itself, not a value taken from a source (never "borrowed").

@@ -107,7 +107,7 @@ def _papers_table(recipe: Recipe) -> Table | None:
         table.add_column(column, overflow="fold")
     for label, key in rows:
         result = getattr(recipe, key)
-        table.add_row(label, result.nfe, f"{result.fid:g}", result.note, recipe.provenance(key))
+        table.add_row(label, result.nfe, f"{result.fid:g}", result.details(), recipe.provenance(key))
     return table
 
 
