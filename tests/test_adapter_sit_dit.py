@@ -150,3 +150,18 @@ def test_guided_sampling_and_round_trip(family: str, tmp_path: Path, models: dic
     assert loaded.config == model.config
     t = torch.full((2,), 0.5)
     assert torch.equal(loaded(noise, t, torch.tensor([0, 9])), model(noise, t, torch.tensor([0, 9])))
+
+
+@pytest.mark.parametrize("family", list(FILES))
+def test_train_mode_drops_no_labels_as_the_reference_sit(family: str, models: dict[str, uc.GenerativeModel]) -> None:
+    """Upstream SiT/DiT/REPA pretraining dropped labels (p = 0.1) in train mode, but the UCGM reference tunes
+    SiT-architecture models with its networks/sit.py, whose class_dropout_prob is 0.0: train mode = eval mode."""
+    model, fx = models[family], expected(family)
+    t = fx["t"] if family == "sit" else dit_time(fx["timesteps"])
+    evaluated = model(fx["x"], t, fx["y"])
+    model.train()
+    try:
+        trained = [model(fx["x"], t, fx["y"]) for _ in range(3)]
+    finally:
+        model.eval()
+    assert all(torch.equal(out, evaluated) for out in trained)

@@ -99,6 +99,9 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
                     "edm2", vae4),
         "edm2": Case(FIXTURES / "edm2" / "tiny-cond.pkl", [], {}, 4, "ddt", vae4),
         "ucgm": Case(uc.save_checkpoint(tiny_model(), tmp / "ours"), [], {}, 3, "repa-e"),
+        "repa": Case(FIXTURES / "repa" / "repa.pt", ["--num-heads", "2"], {"num_heads": 2}, 4, "sit", vae4),
+        "sit": Case(FIXTURES / "sit" / "SiT-T-2-64.pt", ["--num-heads", "2"], {"num_heads": 2}, 4, "repa", vae4),
+        "dit": Case(FIXTURES / "dit" / "DiT-T-2-64.pt", ["--num-heads", "2"], {"num_heads": 2}, 4, "edm2", vae4),
     }
 
 
@@ -136,7 +139,7 @@ def check_sample_output(out: Path, model: uc.GenerativeModel, vae: torch.nn.Modu
     assert np.array_equal(np.asarray(Image.open(out / "grid.png").convert("RGB")), np.asarray(grid_image(images)))
 
 
-FAMILIES = ("repa-e", "lightningdit", "ddt", "edm2", "ucgm")
+FAMILIES = ("repa-e", "lightningdit", "ddt", "edm2", "ucgm", "repa", "sit", "dit")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
