@@ -202,7 +202,7 @@ def test_tiny_in_file_vae_with_4_groups_fails_cleanly(cases: dict[str, Case], tm
     assert code == 2 and len(errors) == 1 and "norm_groups 32" in errors[0] and "Traceback" not in stderr, stderr
 
 
-@pytest.mark.parametrize("family", ["repa-e", "lightningdit", "ddt", "edm2", "ucgm"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_convert_is_bit_identical(family: str, cases: dict[str, Case], tmp_path: Path) -> None:
     case = cases[family]
     code, _, stderr = invoke("convert", str(case.path), "--out", str(tmp_path / "ours"), *case.flags)
@@ -219,7 +219,7 @@ def test_convert_is_bit_identical(family: str, cases: dict[str, Case], tmp_path:
         assert all(torch.equal(converted.vae_state[k], v) for k, v in source.vae_state.items())
 
 
-@pytest.mark.parametrize("family", ["repa-e", "lightningdit", "ddt", "edm2", "ucgm"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_wrong_family_is_one_line(family: str, cases: dict[str, Case], tmp_path: Path) -> None:
     case = cases[family]
     code, _, stderr = invoke("sample", "--checkpoint", str(case.path), "--family", case.wrong_family,
@@ -242,7 +242,7 @@ def truncated_copy(path: Path, folder: Path) -> Path:
     return copy
 
 
-@pytest.mark.parametrize("family", ["repa-e", "lightningdit", "ddt", "edm2", "ucgm"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("command", ["sample", "convert"])
 def test_truncated_file_is_one_line(family: str, command: str, cases: dict[str, Case], tmp_path: Path) -> None:
     case = cases[family]
@@ -256,7 +256,7 @@ def test_truncated_file_is_one_line(family: str, command: str, cases: dict[str, 
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("family", ["repa-e", "lightningdit", "ddt"])
+@pytest.mark.parametrize("family", ["repa-e", "lightningdit", "ddt", "repa", "sit", "dit"])
 def test_truncated_torch_zip_is_called_truncated(family: str, cases: dict[str, Case], tmp_path: Path) -> None:
     cut = truncated_copy(cases[family].path, tmp_path)
     code, _, stderr = invoke("convert", str(cut), "--out", str(tmp_path / "o"))
