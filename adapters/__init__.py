@@ -13,16 +13,17 @@ from pathlib import Path
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.formats.torch_files import is_damaged_zip
 
-from . import ddt, dit, edm2, lightningdit, repa, repa_e, sit, ucgm
+from . import ddt, dit, edm2, lightningdit, repa, repa_e, sit, ucgm, ucgm_release
 from .family import IMAGENET, UNKNOWN_LICENSE, Family, License
 
 __all__ = ["FAMILIES", "IMAGENET", "UNKNOWN_LICENSE", "Family", "License", "detect_family", "family_names",
            "get_family"]
 
-# Detection order: our own format first, then the families whose files are the most specific (REPA, SiT and
-# DiT before REPA-E, which also accepts any SiT-named container).
+# Detection order: our own format first, then the families whose files are the most specific (a UCGM
+# checkpoint of a LightningDiT or SiT would also pass those families' looser checks; REPA, SiT and DiT go
+# before REPA-E, which also accepts any SiT-named container).
 FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY
-                               for m in (ucgm, edm2, ddt, lightningdit, repa, sit, dit, repa_e)}
+                               for m in (ucgm, ucgm_release, edm2, ddt, lightningdit, repa, sit, dit, repa_e)}
 
 
 def family_names() -> tuple[str, ...]:

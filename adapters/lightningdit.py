@@ -119,7 +119,7 @@ def _num_heads(path: Path, state: Mapping[str, Tensor], hidden: int, requested: 
     return heads
 
 
-def _arch_kwargs(path: Path, state: Mapping[str, Tensor], num_heads: int | None) -> dict[str, Any]:
+def arch_kwargs(path: Path, state: Mapping[str, Tensor], num_heads: int | None) -> dict[str, Any]:
     """Constructor arguments of LightningDiT, all read from tensor shapes and key presence."""
     geometry = dit_geometry(path, state, MODEL)
     hidden, channels, patch = geometry["hidden_size"], geometry["in_channels"], geometry["patch_size"]
@@ -185,7 +185,7 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
     weights = _weights(obj)
     state = tensor_dict(weights, str(path) + (" ['ema']" if weights is not obj else ""))
     require_keys(state, CORE_KEYS, str(path), "LightningDiT state dict")
-    kwargs = _arch_kwargs(path, state, overrides.get("num_heads"))
+    kwargs = arch_kwargs(path, state, overrides.get("num_heads"))
     net = meta_network(LightningDiT, kwargs, state, str(path))
     channels, side = kwargs["in_channels"], kwargs["input_size"]
     mean, std = _latent_stats(path, overrides.get("latent_stats"), channels)

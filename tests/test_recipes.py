@@ -13,6 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 import ucgm_convert as uc
+from ucgm_convert.adapters import family_names
 from ucgm_convert.cli import app
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.recipe import (
@@ -302,7 +303,7 @@ BAD_VALUES = [
     ("sampling.cfg_scale", "strong", "expected a number > 0"),
     ("sampling.cfg_interval", [0.8, 0.2], "lo <= hi"),
     ("transport", "Curvy", "one of 'Linear', 'ReLinear', 'TrigFlow', 'EDM', 'TrigLinear', 'Random', 'DiscreteVP', got 'Curvy'"),
-    ("family", "sd3", "one of 'ucgm', 'edm2', 'ddt', 'lightningdit', 'repa', 'sit', 'dit', 'repa-e', got 'sd3'"),
+    ("family", "sd3", f"one of {', '.join(map(repr, family_names()))}, got 'sd3'"),
     ("resolution", "256px", "expected an integer >= 1"),
     ("num_classes", 0, "expected an integer >= 1"),
     ("model", "", "not empty"),
