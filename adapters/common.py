@@ -131,6 +131,23 @@ def saved_args(obj: Any) -> argparse.Namespace | None:
     return args if isinstance(args, argparse.Namespace) else None
 
 
+def require_released_path(path: Path, args: argparse.Namespace | None, path_type: str, prediction: str,
+                          family: str) -> None:
+    """Refuse a train.py checkpoint whose args.path_type / args.prediction differ from the released setting
+    (a missing args, or field, means the released one): another path or target is another transport."""
+    given = getattr(args, "path_type", path_type), getattr(args, "prediction", prediction)
+    if given != (path_type, prediction):
+        raise UCGMError(f"{path}: args.path_type is {given[0]!r} and args.prediction {given[1]!r}; only {family}'s "
+                        f"path_type {path_type!r} with prediction {prediction!r} (the released setting) is supported")
+
+
+def require_null_class(path: Path, args: argparse.Namespace | None) -> None:
+    """Refuse a REPA / REPA-E SiT trained with args.cfg_prob 0: its label table has no null-class row."""
+    if getattr(args, "cfg_prob", 0.1) == 0:
+        raise UCGMError(f"{path}: trained with cfg_prob 0 (args.cfg_prob), so its label table has no null-class row; "
+                        "such unguided SiTs are not supported")
+
+
 def dit_style_state(obj: Any) -> Mapping[str, Any] | None:
     """The sampling weights when they have DiT's core keys and 6-way adaLN (GELU MLP), else None."""
     state, _ = sampling_weights(obj)

@@ -14,7 +14,6 @@ integrates t from 1 to 0), i.e. Linear exactly, t fed raw. Latents: SD-VAE ft-EM
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +29,8 @@ from ucgm_convert.adapters.common import (
     dit_style_state,
     drop_training_only,
     given_overrides,
+    require_null_class,
+    require_released_path,
     sampling_weights,
     saved_args,
 )
@@ -76,17 +77,6 @@ def detect(path: Path) -> bool:
     return args is None or not hasattr(args, "vae")  # REPA-E's train_ldm_only.py args name its VAE
 
 
-def _check_args(path: Path, args: argparse.Namespace | None) -> None:
-    """Only the released setting is a Linear model: path_type "linear" with v-prediction."""
-    path_type, prediction = getattr(args, "path_type", "linear"), getattr(args, "prediction", "v")
-    if path_type != "linear" or prediction != "v":
-        raise UCGMError(f"{path}: args.path_type is {path_type!r} and args.prediction {prediction!r}; only REPA's "
-                        "path_type 'linear' with prediction 'v' (the released setting) is supported")
-    if getattr(args, "cfg_prob", 0.1) == 0:
-        raise UCGMError(f"{path}: trained with cfg_prob 0 (args.cfg_prob), so its label table has no null-class row; "
-                        "such unguided SiTs are not supported")
-
-
 def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
          **overrides: Any) -> GenerativeModel:
     """Load the EMA SiT of a REPA file as a Linear model on SD-VAE latents (projector weights dropped)."""
@@ -98,7 +88,8 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
     if any(k.startswith("decoder_blocks.") for k in state):
         state = _legacy_renamed(state)
     args = saved_args(obj)
-    _check_args(path, args)
+    require_released_path(path, args, "linear", "v", "REPA")  # a Linear model only with these
+    require_null_class(path, args)
     state = drop_training_only(path, state, TRAINING_ONLY)
     return dit_style_model(path, state, args, where, family=NAME, model=MODEL, transport="Linear", recipe="repa",
                            num_heads=overrides.get("num_heads"), learn_sigma=False, device=device, dtype=dtype)

@@ -32,6 +32,7 @@ from ucgm_convert.adapters.common import (
     given_overrides,
     meta_network,
     require_keys,
+    require_null_class,
     sampling_weights,
     saved_args,
     sit_arch_kwargs,
@@ -84,9 +85,7 @@ def detect(path: Path) -> bool:
 def _arch_kwargs(path: Path, state: Mapping[str, Tensor], args: argparse.Namespace | None,
                  num_heads: int | None) -> dict[str, Any]:
     """Constructor arguments of our SiT, read from tensor shapes (heads from args / override / size table)."""
-    if args is not None and getattr(args, "cfg_prob", 0.1) == 0:
-        raise UCGMError(f"{path}: trained with cfg_prob 0 (args.cfg_prob), so its label table has no null-class row; "
-                        "such unguided SiTs are not supported")
+    require_null_class(path, args)
     return sit_arch_kwargs(path, state, getattr(args, "model", None), num_heads, MODEL)
 
 

@@ -15,7 +15,6 @@ Guidance: upstream's forward_with_cfg guides the first 3 latent channels only (g
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from ucgm_convert.adapters.common import (
     dit_style_model,
     given_overrides,
     plain_dit_kind,
+    require_released_path,
     sampling_weights,
     saved_args,
 )
@@ -48,14 +48,6 @@ def detect(path: Path) -> bool:
         return False
 
 
-def _check_args(path: Path, args: argparse.Namespace | None) -> None:
-    """Only a Linear path with velocity prediction is a ReLinear model (GVP / VP, score / noise are not)."""
-    path_type, prediction = getattr(args, "path_type", "Linear"), getattr(args, "prediction", "velocity")
-    if path_type != "Linear" or prediction != "velocity":
-        raise UCGMError(f"{path}: args.path_type is {path_type!r} and args.prediction {prediction!r}; only SiT's "
-                        "path_type 'Linear' with prediction 'velocity' (the released setting) is supported")
-
-
 def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
          **overrides: Any) -> GenerativeModel:
     """Load the EMA SiT as a ReLinear model on SD-VAE latents (a learned sigma's channels dropped)."""
@@ -64,7 +56,7 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
     obj = read_torch(path)
     weights, where = sampling_weights(obj)
     args = saved_args(obj)
-    _check_args(path, args)
+    require_released_path(path, args, "Linear", "velocity", "SiT")  # GVP / VP, score / noise: other transports
     return dit_style_model(path, tensor_dict(weights, str(path) + where), args, where, family=NAME, model=MODEL,
                            transport="ReLinear", recipe="sit", num_heads=overrides.get("num_heads"),
                            learn_sigma=None,
