@@ -4,7 +4,8 @@ tests/fixtures/sit/ and tests/fixtures/dit/ are made by scripts/fixtures/make_si
 and make_dit.py (facebookresearch/DiT @ed81ce2), whose docstrings say how: a tiny model of each (depth 2,
 hidden 32, 2 heads, patch 2, 4 channels, 8x8 latents, 10 classes, learned sigma) saved as a bare EMA
 state dict named like the releases; expected.pt holds upstream's outputs (SiT: model(x, t, y) and its
-Linear path; DiT: model(x, k, y) with all 2C channels, q_sample and p_mean_variance's pred_xstart).
+Linear path; DiT: model(x, k, y) with all 2C channels, q_sample, p_mean_variance's pred_xstart and a
+3-step DDIM run).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ucgm_convert.adapters import detect_family, dit, get_family
 from ucgm_convert.cli import app
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.recipe import load_recipe
+from ucgm_convert.sampler import time_grid
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FILES = {"sit": FIXTURES / "sit" / "SiT-T-2-64.pt", "dit": FIXTURES / "dit" / "DiT-T-2-64.pt"}
@@ -77,6 +79,17 @@ def test_dit_matches_upstream(models: dict[str, uc.GenerativeModel]) -> None:
     torch.testing.assert_close(T.alpha_in(tt) * fx["noise"] + T.gamma_in(tt) * fx["x"], fx["x_t"])
     x_hat, _ = T.predictions(fx["x_t"], model(fx["x_t"], t, fx["y"]), tt)
     torch.testing.assert_close(x_hat, fx["xstart"], atol=1e-4, rtol=1e-5)
+
+
+def test_deterministic_ucgm_s_on_dit_steps_is_dits_ddim(models: dict[str, uc.GenerativeModel]) -> None:
+    """3 UCGM-S steps (no noise, no extrapolation) whose grid is DiT timesteps 668, 334, 0 = DiT's own
+    ddim_sample_loop("ddim3", eta 0): the update sqrt(abar') x_hat + sqrt(1 - abar') eps_hat is DDIM's."""
+    model, fx = models["dit"], expected("dit")
+    gaps = (1 - 0.669, 0.001)  # t = (k + 1) / 1000 for k = 668 ... 0
+    grid = time_grid(model.transport, 3, gaps=gaps)
+    torch.testing.assert_close(model.transport.network_time(grid[:3]), torch.tensor([668.0, 334.0, 0.0]))
+    got = uc.sample(model, fx["ddim_noise"], transport=model.transport, steps=3, gaps=gaps, y=fx["ddim_y"])
+    torch.testing.assert_close(got, fx["ddim"], atol=1e-4, rtol=1e-5)
 
 
 def test_dit_recipe_by_resolution() -> None:
