@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from ucgm_convert.adapters.family import PASS_HEADS
-from ucgm_convert.console import note
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.formats.statedict import load_state_dict_strict
 from ucgm_convert.formats.torch_files import read_torch
@@ -157,13 +156,14 @@ def dit_style_state(obj: Any) -> Mapping[str, Any] | None:
     return state if state["blocks.0.adaLN_modulation.1.weight"].shape[0] == 6 * hidden else None
 
 
-def drop_training_only(path: Path, state: Mapping[str, Tensor], prefixes: Mapping[str, str]) -> dict[str, Tensor]:
-    """`state` without the keys under `prefixes` (prefix -> what they are), with one note line naming what went."""
+def drop_training_only(path: Path, state: Mapping[str, Tensor],
+                       prefixes: Mapping[str, str]) -> tuple[dict[str, Tensor], str | None]:
+    """`state` without the keys under `prefixes` (prefix -> what they are), and the line saying what went
+    (None: nothing), to print once the model has loaded (a failed load then stays one error line)."""
     dropped = {p: [k for k in state if k.startswith(p)] for p in prefixes}
     said = [f"{len(keys)} {p}* tensors ({prefixes[p]})" for p, keys in dropped.items() if keys]
-    if said:
-        note(f"{path}: dropped {', '.join(said)}; sampling does not use them")
-    return {k: v for k, v in state.items() if not any(k.startswith(p) for p in prefixes)}
+    kept = {k: v for k, v in state.items() if not any(k.startswith(p) for p in prefixes)}
+    return kept, (f"{path}: dropped {', '.join(said)}; sampling does not use them" if said else None)
 
 
 def model_heads(path: Path, hidden: int, patch: int, model_name: Any, requested: int | None) -> int:

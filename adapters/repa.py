@@ -35,6 +35,7 @@ from ucgm_convert.adapters.common import (
     saved_args,
 )
 from ucgm_convert.adapters.family import IMAGENET, Family, License
+from ucgm_convert.console import note
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.formats.torch_files import read_torch, tensor_dict
 from ucgm_convert.model import GenerativeModel
@@ -90,9 +91,12 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
     args = saved_args(obj)
     require_released_path(path, args, "linear", "v", "REPA")  # a Linear model only with these
     require_null_class(path, args)
-    state = drop_training_only(path, state, TRAINING_ONLY)
-    return dit_style_model(path, state, args, where, family=NAME, model=MODEL, transport="Linear", recipe="repa",
-                           num_heads=overrides.get("num_heads"), learn_sigma=False, device=device, dtype=dtype)
+    state, dropped = drop_training_only(path, state, TRAINING_ONLY)
+    model = dit_style_model(path, state, args, where, family=NAME, model=MODEL, transport="Linear", recipe="repa",
+                            num_heads=overrides.get("num_heads"), learn_sigma=False, device=device, dtype=dtype)
+    if dropped:
+        note(dropped)
+    return model
 
 
 FAMILY = Family(

@@ -116,12 +116,16 @@ def test_told_apart_from_repa_e(tmp_path: Path) -> None:
 def test_unsupported_paths_and_bad_files_are_one_error_line(tmp_path: Path) -> None:
     def cosine(ckpt: dict) -> None:
         ckpt["args"].path_type = "cosine"
+
+    def cut_final_layer(ckpt: dict) -> None:  # fails after the projectors are dropped: still no note line
+        ckpt["ema"]["final_layer.linear.weight"] = ckpt["ema"]["final_layer.linear.weight"][:8]
     runner = CliRunner()
-    result = runner.invoke(app, ["convert", str(rewrite(tmp_path, cosine)), "--out", str(tmp_path / "out"),
-                                 "--num-heads", "2"])
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.exit_code != 0 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "args.path_type is 'cosine'" in lines[0] and "Traceback" not in result.stderr
+    for edit, words in ((cosine, "args.path_type is 'cosine'"), (cut_final_layer, "final_layer.linear.weight")):
+        result = runner.invoke(app, ["convert", str(rewrite(tmp_path, edit)), "--out", str(tmp_path / "out"),
+                                     "--num-heads", "2"])
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code != 0 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert words in lines[0] and "Traceback" not in result.stderr
 
     def no_table(ckpt: dict) -> None:
         del ckpt["ema"]["y_embedder.embedding_table.weight"]
