@@ -22,6 +22,7 @@ from .settings.base import Describe, Float, Int, NonEmpty, Settings, SettingsErr
 from .settings.sampling import SamplingSettings
 from .settings.tuning import TuningSettings
 from .transports import TRANSPORTS, get_transport
+from .settings.evaluation import UINT8_DEFAULT, MetricList, Uint8Rule
 
 if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+; annotations only
     from importlib.resources.abc import Traversable
@@ -49,12 +50,14 @@ def _transport(name: str) -> str:
     return get_transport(name).name
 
 
+
 class PaperResult(Settings):
     """A published FID and its cost, as the UCGM README reports it."""
 
     nfe: Annotated[Any, AfterValidator(_nfe_text), Describe('an NFE such as 40, "2" or "250x2"')]
     fid: Float = Field(gt=0.0)
     note: str = ""
+    uint8: Uint8Rule | None = None  # type: ignore[valid-type]  # the pixel rule of the pipeline that measured it
 
 
 class Recipe(Settings):
@@ -76,6 +79,10 @@ class Recipe(Settings):
     sampling: SamplingSettings
     few_step_sampling: SamplingSettings | None = None
     tuning: TuningSettings | None = None
+    # What `ucgm eval fid` computes by default: the metrics the paper's table reports, and the uint8 rule
+    # of the pipeline that measured paper_after / paper_tuned (vae.UINT8_RULES).
+    metrics: MetricList = ["fid", "is"]
+    uint8: Uint8Rule = UINT8_DEFAULT  # type: ignore[valid-type]
     paper_before: PaperResult | None = None
     paper_after: PaperResult | None = None
     paper_tuned: PaperResult | None = None
