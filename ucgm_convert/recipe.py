@@ -19,10 +19,10 @@ from pydantic import AfterValidator, Field
 from .adapters import family_names
 from .errors import UCGMError
 from .settings.base import Describe, Float, Int, NonEmpty, Settings, SettingsError
+from .settings.evaluation import DEFAULT_METRICS, UINT8_DEFAULT, MetricList, Uint8Rule
 from .settings.sampling import SamplingSettings
 from .settings.tuning import TuningSettings
 from .transports import TRANSPORTS, get_transport
-from .settings.evaluation import UINT8_DEFAULT, MetricList, Uint8Rule
 
 if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+; annotations only
     from importlib.resources.abc import Traversable
@@ -81,7 +81,7 @@ class Recipe(Settings):
     tuning: TuningSettings | None = None
     # What `ucgm eval fid` computes by default: the metrics the paper's table reports, and the uint8 rule
     # of the pipeline that measured paper_after / paper_tuned (vae.UINT8_RULES).
-    metrics: MetricList = ["fid", "is"]
+    metrics: MetricList = Field(default_factory=lambda: list(DEFAULT_METRICS))
     uint8: Uint8Rule = UINT8_DEFAULT  # type: ignore[valid-type]
     paper_before: PaperResult | None = None
     paper_after: PaperResult | None = None

@@ -114,7 +114,8 @@ def encode(
 
 
 def to_uint8(images: Tensor, rule: str = UINT8_DEFAULT) -> Tensor:
-    """[B, C, H, W] floats in [0, 1] -> [B, H, W, C] uint8 by `rule` (settings.evaluation.UINT8_RULES): round half up or truncate."""
+    """[B, C, H, W] floats in [0, 1] -> [B, H, W, C] uint8 by `rule` (settings.evaluation.UINT8_RULES):
+    round half up, floor(255 x + 0.5), or truncate, floor(255 x)."""
     if rule not in UINT8_RULES:
         raise UCGMError(f"uint8 rule: expected one of {', '.join(UINT8_RULES)}, got {rule!r}")
     scaled = images.clamp(0, 1) * 255
