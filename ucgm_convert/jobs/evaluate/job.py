@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ... import distributed
 from ...checkpoint import RESULTS_NAME
@@ -29,7 +29,8 @@ from ...recipe import Recipe
 from ...settings import SamplingSettings
 from ...settings.base import Bool, Int, Settings, choice
 from ...settings.evaluation import DEFAULT_METRICS, UINT8_DEFAULT, MetricList, Uint8Rule
-from ..source import ArchOverrides, ModelSource, Resolved, SamplingOverrides, resolve
+from ...settings.sweep import as_sweep
+from ..source import ArchOverrides, ModelSource, Resolved, SamplingSweep, resolve
 from .chunks import (
     CLASS_SAMPLING,
     FEATURES_DIR,
@@ -53,7 +54,7 @@ class EvalConfig(Settings):
                       "`ucgm eval ref` output), torch-fidelity's *-stat-fid-2048.pt, or EDM2's dataset-refs/*.pkl.")
     source: ModelSource = ModelSource()
     arch: ArchOverrides = ArchOverrides()
-    sampling: SamplingOverrides = SamplingOverrides()  # type: ignore[valid-type]
+    sampling: SamplingSweep = SamplingSweep()  # type: ignore[valid-type]
     num: Int = Field(default=50_000, ge=1, le=10_000_000,
                      description="Number of samples (papers: 50000). Sample i has class i % num_classes.")
     allow_unbalanced: Bool = Field(default=False, description="Allow --num that is not a multiple of the number of "
@@ -85,6 +86,12 @@ class EvalConfig(Settings):
                                     "Default: the recipe's (the pipeline behind its published numbers), else round.")
 
 
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _sweep(cls, value: Any) -> Any:
+        return as_sweep(SamplingSweep, value)  # a SamplingOverrides instance is one point
+
+
 def sampler(resolved: Resolved, settings: SamplingSettings, config: EvalConfig, vae_module: Any,
             uint8: str = UINT8_DEFAULT) -> Generator:
     """Images for chunk indices: UCGM-S in batches of `config.batch_size`, decoded through the VAE."""
@@ -111,8 +118,8 @@ def _clear(out: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def run(config: EvalConfig, reporter: Reporter = SILENT) -> dict[str, Any] | None:
-    """Sample, extract features and compute the metrics; returns results.json's content (None on ranks > 0)."""
+def run_one(config: EvalConfig, reporter: Reporter = SILENT) -> dict[str, Any] | None:
+    """One evaluation: sample, extract features, compute the metrics; results.json's content (None on ranks > 0)."""
     chunk_ranges(config.num, config.chunk_size)
     if config.metrics is not None:  # bad input fails before anything slow
         load_reference_set(config.ref, [m for m in config.metrics if m not in PRC])
@@ -160,7 +167,7 @@ def _run(config: EvalConfig, ctx: distributed.Context, reporter: Reporter) -> di
     model = resolved.model
     metrics, uint8, origin = choices(config, resolved.recipe)
     reference = load_reference_set(config.ref, metrics if ctx.is_main else [m for m in metrics if m not in PRC])
-    settings = resolved.sampling_with(config.sampling)
+    settings = resolved.sampling_with(config.sampling.single())
     labels = class_labels(config.num, model.num_classes, config.allow_unbalanced)
     vae_module = model.load_vae(config.source.vae)
     extract = load_extractors(metrics, config.inception_weights, config.dinov2_weights, ctx.device)
@@ -192,6 +199,7 @@ def _run(config: EvalConfig, ctx: distributed.Context, reporter: Reporter) -> di
         "vae": {"name": model.cfg.vae.name, "weights": config.source.vae or model.cfg.vae.source
                 or ("stored with the model" if model.vae_state else None), "state_sha256": hashes[1]},
         "evaluator": extract.describe(metrics),
+        "published": _published(resolved.recipe),
         "choices": origin,
         "batch_size": config.batch_size,
         "num_processes": ctx.world_size,
@@ -207,6 +215,14 @@ def _run(config: EvalConfig, ctx: distributed.Context, reporter: Reporter) -> di
     })
     reporter.info(f"wrote {out / RESULTS_NAME}")
     return results
+
+
+def _published(recipe: Recipe | None) -> dict[str, Any]:
+    """The recipe's published results (paper_before / paper_after / paper_tuned), for comparison."""
+    if recipe is None:
+        return {}
+    return {key: getattr(recipe, key).to_dict() for key in ("paper_before", "paper_after", "paper_tuned")
+            if getattr(recipe, key) is not None}
 
 
 LABELS = {"fid": "FID", "is": "Inception Score", "sfid": "sFID", "prec": "Precision", "rec": "Recall",
