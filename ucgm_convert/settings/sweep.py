@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field, create_model, model_validator
+from pydantic import BaseModel, Field, create_model
 
 from .base import Overrides, Settings, SettingsError, _split
 
@@ -71,10 +71,9 @@ class Sweep(Settings):
 
     SINGLE: ClassVar[type[Settings]]
 
-    @model_validator(mode="after")
-    def _check(self) -> Sweep:
+    def __init__(self, **data: Any) -> None:
+        super().__init__(**data)
         self.grid()  # every value validated on construction: a bad one is a SettingsError naming the field
-        return self
 
     def grid(self) -> dict[str, list[Any]]:
         """field -> its validated values, for the fields given."""
