@@ -136,7 +136,7 @@ def choices(config: EvalConfig, recipe: Recipe | None) -> tuple[list[str], str, 
                             f"{'flag' if config.uint8 else name}")
 
 
-def _reference_pool(reference: ReferenceSet, extract: Extractors, batch: int) -> np.ndarray | None:
+def reference_pool(reference: ReferenceSet, extract: Extractors, batch: int) -> np.ndarray | None:
     """The reference's pool rows for prec / rec: stored, or computed from its arr_0 images (as ADM does)."""
     if reference.pool is not None or reference.images is None or extract.inception is None:
         return reference.pool
@@ -205,7 +205,7 @@ def _run(config: EvalConfig, ctx: distributed.Context, reporter: Reporter) -> di
         "num_processes": ctx.world_size,
         "device": str(ctx.device),
     }
-    outputs = Outputs(metrics, uint8, _reference_pool(reference, extract, config.chunk_size), str(ctx.device),
+    outputs = Outputs(metrics, uint8, reference_pool(reference, extract, config.chunk_size), str(ctx.device),
                       config.save_npz, config.save_images)
     results = finalize(plan, store, reference, record, model.num_classes, outputs)
     reporter.table("Evaluation", {
