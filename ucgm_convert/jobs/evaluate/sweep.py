@@ -107,13 +107,17 @@ def plot_metric(out: Path, rows: list[dict[str, Any]], metric: str, published: d
     for key, pts in lines.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
-    if metric == "fid":
-        for name, paper in published.items():
+    ticks = {p[0] for pts in lines.values() for p in pts}
+    if metric == "fid":  # recipes publish FID only
+        for i, (name, paper) in enumerate(published.items()):
             nfe = nfe_number(paper["nfe"])
             if nfe is not None:
-                ax.scatter([nfe], [paper["fid"]], marker="*", s=160, zorder=3,
-                           label=f"published {name.removeprefix('paper_')}: {paper['fid']} at {paper['nfe']} NFE")
+                ticks.add(nfe)
+                ax.scatter([nfe], [paper["fid"]], marker="*", s=180, zorder=3, color=f"C{3 + i}",
+                           label=f"published ({name.removeprefix('paper_')}): {paper['fid']} at {paper['nfe']} NFE")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+    ax.minorticks_off()
     ax.set_xlabel("NFE per sample (network evaluations; x2 with CFG)")
     ax.set_ylabel(LABELS[metric])
     ax.set_title(f"{LABELS[metric]} vs NFE")
