@@ -156,7 +156,10 @@ def test_repa_e_values_spelled_out() -> None:
 def test_paper_results_and_nfe_labels(name: str) -> None:
     (nfe0, fid0), (nfe1, fid1), tuned = PAPER[name]
     recipe = load_recipe(name)
-    assert recipe.paper_before == PaperResult(nfe=nfe0, fid=fid0, note=recipe.paper_before.note)
+    assert recipe.paper_before == PaperResult(nfe=nfe0, fid=fid0, note=recipe.paper_before.note,
+                                              uint8=recipe.paper_before.uint8)
+    # the pixel rule of the pipeline behind each number: UCGM's own evaluation truncates
+    assert recipe.paper_after.uint8 == recipe.uint8 == "truncate" and recipe.paper_before.uint8 in ("round", "truncate")
     assert (recipe.paper_after.nfe, recipe.paper_after.fid) == (nfe1, fid1)
     # Our NFE count of the recipe's settings is the paper's.
     assert recipe.sampling.nfe_label == nfe1

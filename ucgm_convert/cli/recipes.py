@@ -95,10 +95,10 @@ def _papers_table(recipe: Recipe) -> Table | None:
     if not rows:
         return None
     table = Table(title="paper results (UCGM README)", title_justify="left", box=box.SIMPLE)
-    for column in ("", "NFE", "FID", "note"):
+    for column in ("", "NFE", "FID", "uint8", "note"):
         table.add_column(column, overflow="fold")
     for label, result in rows:
-        table.add_row(label, result.nfe, f"{result.fid:g}", result.note)
+        table.add_row(label, result.nfe, f"{result.fid:g}", result.uint8 or "-", result.note)
     return table
 
 
