@@ -209,8 +209,9 @@ def one_line_error(result, *fragments: str) -> str:
 def test_a_reference_with_only_statistics_says_prec_rec_cannot_be_computed(m: dict[str, Path], tmp_path: Path) -> None:
     with np.load(m["ref"]) as ref:
         np.savez(tmp_path / "stats.npz", mu=ref["mu"], sigma=ref["sigma"])
-    args = fid_args({**m, "ref": tmp_path / "stats.npz"}, tmp_path / "out", "--metrics", "fid,prec")
-    one_line_error(runner.invoke(app, args), "stats.npz", "only statistics", "precision/recall")
+    for metrics in ("fid,prec", "rec"):
+        args = fid_args({**m, "ref": tmp_path / "stats.npz"}, tmp_path / "out", "--metrics", metrics)
+        one_line_error(runner.invoke(app, args), "stats.npz", "only statistics", "precision/recall")
     args = fid_args({**m, "ref": tmp_path / "stats.npz"}, tmp_path / "out", "--metrics", "sfid")
     one_line_error(runner.invoke(app, args), "stats.npz", "no sFID statistics")
     args = fid_args({**m, "ref": tmp_path / "stats.npz"}, tmp_path / "out", "--metrics", "fd_dinov2")

@@ -79,6 +79,15 @@ def _is_npz(path: Path) -> bool:
         return False
 
 
+def _has_any(path: Path, keys: tuple[str, ...]) -> bool:
+    """Whether the .npz holds one of `keys` (its index only; nothing is read)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return any(k in data.files for k in keys)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise UCGMError(f"--ref {path}: not a readable .npz file ({err})") from None
+
+
 def _prc_rows(path: Path, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(pool features, images) for precision / recall, from `pool` or `arr_0`; UCGMError when there are none."""
     if POOL_KEY in arrays:
@@ -116,8 +125,11 @@ def _dinov2_stats(path: Path, npz: bool) -> tuple[np.ndarray, np.ndarray]:
     return _checked(arrays[DINO_MU], arrays[DINO_SIGMA], path, "DINOv2")
 
 
-def load_reference_set(path: str | Path, metrics: list[str] | str) -> ReferenceSet:
-    """Read what `metrics` need from one reference file; one UCGMError line naming what is missing."""
+def load_reference_set(path: str | Path, metrics: list[str] | str, rows: bool = True) -> ReferenceSet:
+    """Read what `metrics` need from one reference file; one UCGMError line naming what is missing.
+
+    rows=False only checks that prec / rec rows exist (a cheap check before anything slow, on every rank).
+    """
     names, path = parse_metrics(metrics), Path(path)
     if not path.is_file():
         raise UCGMError(f"--ref {path}: no such file")
@@ -137,6 +149,7 @@ def load_reference_set(path: str | Path, metrics: list[str] | str) -> ReferenceS
         stats["fd_dinov2"] = _dinov2_stats(path, npz)
     pool = images = None
     if any(n in names for n in _PRC):
-        pool, images = _prc_rows(path, _npz_arrays(path, (POOL_KEY, "arr_0")))
+        keys = (POOL_KEY, "arr_0") if rows or not _has_any(path, (POOL_KEY, "arr_0")) else ()
+        pool, images = _prc_rows(path, _npz_arrays(path, keys)) if keys else (None, None)
     return ReferenceSet(path=str(path), sha256=sha256_file(path), format=fmt, meta=meta, stats=stats, pool=pool,
                         images=images)

@@ -43,7 +43,6 @@ from .chunks import (
 )
 from .results import IMAGES_DIR, SAMPLES_NPZ, Outputs, finalize, versions
 
-PRC = ("prec", "rec")  # the metrics that need the reference's rows (only the main rank reads them)
 OWNED = (MANIFEST_NAME, RESULTS_NAME, FEATURES_DIR, IMAGES_DIR, SAMPLES_NPZ)
 
 
@@ -122,7 +121,7 @@ def run_one(config: EvalConfig, reporter: Reporter = SILENT) -> dict[str, Any] |
     """One evaluation: sample, extract features, compute the metrics; results.json's content (None on ranks > 0)."""
     chunk_ranges(config.num, config.chunk_size)
     if config.metrics is not None:  # bad input fails before anything slow
-        load_reference_set(config.ref, [m for m in config.metrics if m not in PRC])
+        load_reference_set(config.ref, config.metrics, rows=False)
     with distributed.session(str(resolve_device(config.device))) as ctx:
         return _run(config, ctx, reporter)
 
@@ -166,7 +165,7 @@ def _run(config: EvalConfig, ctx: distributed.Context, reporter: Reporter) -> di
     resolved = resolve(config.source, config.arch, ctx.device)
     model = resolved.model
     metrics, uint8, origin = choices(config, resolved.recipe)
-    reference = load_reference_set(config.ref, metrics if ctx.is_main else [m for m in metrics if m not in PRC])
+    reference = load_reference_set(config.ref, metrics, rows=ctx.is_main)  # only the main rank uses the rows
     settings = resolved.sampling_with(config.sampling.single())
     labels = class_labels(config.num, model.num_classes, config.allow_unbalanced)
     vae_module = model.load_vae(config.source.vae)
