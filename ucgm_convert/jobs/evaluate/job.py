@@ -1,4 +1,8 @@
-"""`ucgm eval fid` as a library: `run(EvalConfig) -> results dict`, also under torchrun (every rank calls it).
+"""One `ucgm eval fid` evaluation as a library: `run_one(EvalConfig) -> results dict`, also under torchrun (every
+rank calls it); `jobs.evaluate.run` adds sweeps on top.
+
+Metrics (`--metrics`, default the recipe's `metrics`) and the uint8 rule (`--uint8`, default the
+recipe's `uint8`) decide which networks run and how pixels are made (metrics/extract.py).
 
 Sample i has class i % num_classes and its own noise from (seed, i); chunks of `chunk_size`
 samples are the unit of work and of resumption (jobs/evaluate/chunks.py). OUT/eval.json
@@ -61,7 +65,7 @@ class EvalConfig(Settings):
     batch_size: Int = Field(default=64, ge=1, le=65_536, description="Samples per sampler batch within a chunk "
                             "(fixed per --out: on GPUs the batch shape can change the last bits).")
     chunk_size: Int = Field(default=250, ge=1, le=100_000, description="Samples per chunk: the unit of work, of "
-                            "resumption and of one Inception forward (fixed per --out).")
+                            "resumption and of one forward per feature network (fixed per --out).")
     seed: Int = Field(default=0, ge=0, le=2**63 - 1, description="Seed; sample i depends only on (seed, i).")
     out: Path = Field(default=Path("eval"), description="Output folder: results.json, eval.json, features/ (rerun "
                       "the same command to resume).")
@@ -69,7 +73,7 @@ class EvalConfig(Settings):
     device: str | None = Field(default=None, description="Torch device (under torchrun: cuda uses cuda:LOCAL_RANK). "
                                "Default: cuda if available, else cpu.")
     dtype: choice(*DTYPES) = Field(default="float32", description="Network precision: float32, or bfloat16 / "  # type: ignore[valid-type]
-                                   "float16 autocast. Inception always runs in float32.")
+                                   "float16 autocast. Inception and DINOv2 always run in float32.")
     save_images: Bool = Field(default=False, description="Also write OUT/images/XXXXXX.png.")
     save_npz: Bool = Field(default=False, description="Also write OUT/samples.npz for the ADM evaluator (arr_0 uint8 "
                            "NHWC, arr_1 labels).")
