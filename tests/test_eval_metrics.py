@@ -355,6 +355,22 @@ def test_kill_9_then_resume_gives_identical_numbers_for_every_metric(m: dict[str
     assert_same_chunks(out, m["base"])
 
 
+@pytest.mark.slow
+def test_a_sweep_under_two_processes_equals_the_one_process_sweep(m: dict[str, Path], tmp_path: Path) -> None:
+    def sweep(out: Path, *extra: str) -> dict:
+        args = ["eval", "fid", "--checkpoint", str(m["ckpt"]), "--ref", str(m["ref"]), "--num", "10", "--chunk-size",
+                "2", "--steps", "1,2", "--seed", "3", "--device", "cpu", "--dinov2-weights", str(m["dinov2"]),
+                "--metrics", "fd_dinov2", "--out", str(out), *extra]
+        result = subprocess.run([sys.executable, "-m", "ucgm_convert", *args], env=ENV, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((out / "sweep.json").read_text())
+
+    one, two = sweep(tmp_path / "one"), sweep(tmp_path / "two", "--nproc", "2")
+    assert one == two and len(one["points"]) == 2
+    assert results(tmp_path / "two" / "steps-2")["num_processes"] == 2
+
+
 def test_image_folder_reference_matches_the_batch_reference(m: dict[str, Path], tmp_path: Path) -> None:
     with np.load(m["root"] / "batch.npz") as data:
         for i, image in enumerate(data["arr_0"]):
