@@ -31,6 +31,7 @@ from ucgm_convert.cli import app
 from ucgm_convert.foundation import sha256_file
 from ucgm_convert.generation import generate_batch
 from ucgm_convert.hub.card import inspect_checkpoint, make_model_card
+from ucgm_convert.hub.results import read_results
 from ucgm_convert.jobs.evaluate.job import EvalConfig, choices, reference_pool
 from ucgm_convert.metrics.dinov2 import load_dinov2
 from ucgm_convert.metrics.extract import load_extractors
@@ -285,6 +286,9 @@ def test_a_steps_sweep_writes_one_eval_per_value_a_table_and_a_plot(m: dict[str,
     assert [p["nfe_evaluations"] for p in summary["points"]] == [1, 2, 4]
     for name in ("fid", "fd_dinov2"):
         assert (out / f"{name}-vs-nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    measured = read_results(out)  # what `ucgm push --results OUT` puts on the card: every point
+    assert [(r.nfe, r.metrics) for r in measured] == [(row["nfe"], results(out / row["folder"])["metrics"])
+                                                      for row in table]
     chunks = {p: p.stat().st_mtime_ns for p in out.glob("*/features/chunk-*.npz")}
     again = runner.invoke(app, args)  # resume: every point complete, nothing recomputed, same table
     assert again.exit_code == 0, again.output
