@@ -141,8 +141,8 @@ def test_results_json_records_numbers_and_provenance(env: dict[str, Path]) -> No
                                    "per_class_min": 2, "per_class_max": 2, "balanced": True}
     assert "round" in r["uint8_conversion"]
     assert r["reference"]["sha256"] == sha256_file(env["ref"]) and r["reference"]["resolution"] == [8, 8]
-    assert r["evaluator"]["name"] == "torch-fidelity"
-    assert r["evaluator"]["weights_sha256"] == sha256_file(env["weights"])
+    assert r["evaluator"]["inception"]["name"] == "torch-fidelity"
+    assert r["evaluator"]["inception"]["weights_sha256"] == sha256_file(env["weights"])
     assert set(r["versions"]) >= {"ucgm-convert", "torch", "torch-fidelity"}
     assert len(r["model"]["state_sha256"]) == 64 and r["model"]["family"] == "ucgm"
     assert r["sampling"]["settings"]["steps"] == 2 and r["image_resolution"] == [8, 8]

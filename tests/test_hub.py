@@ -344,7 +344,7 @@ def test_eval_results_schema_extra_files_and_weight_check(tiny_checkpoint: Path,
     card = make_model_card(inspect_checkpoint(tiny_checkpoint, [other]), "alice/x")
     fids = {r.metric_config: r.metric_value for r in card.data.eval_results if r.metric_type == "fid"}
     assert fids == {"nfe=2": 3.5, "nfe=1": 5.25}
-    assert "| 2 | 3.50 | 250.0 | 50000 | 2 | 1 | 1.0 | VIRTUAL_imagenet256_labeled.npz |" in card.text
+    assert "| 2 | 3.50 | 250.0 | 50000 | 2 | 1 | 1.0 | - | VIRTUAL_imagenet256_labeled.npz |" in card.text
 
     other.write_text(json.dumps(eval_results(5.25, "0" * 64, "1", 1)))  # measured on other weights
     code, output = cli("push", str(tiny_checkpoint), "--repo", "alice/x", "--dry-run", "--results", str(other))

@@ -7,6 +7,7 @@ import pytest
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.metrics import METRICS, parse_metrics, passes
 from ucgm_convert.metrics.sfid import SPATIAL_DIM
+from ucgm_convert.settings.evaluation import METRIC_NAMES
 
 
 def test_names_and_shared_passes() -> None:
@@ -23,3 +24,7 @@ def test_unknown_names_are_one_line_errors(names: str, message: str) -> None:
     with pytest.raises(UCGMError, match=message) as info:
         parse_metrics(names)
     assert "fid, is, sfid, prec, rec, fd_dinov2" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_registry_is_what_recipes_and_flags_validate_against() -> None:
+    assert tuple(METRICS) == METRIC_NAMES

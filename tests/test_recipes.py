@@ -165,6 +165,8 @@ def test_paper_results_and_nfe_labels(name: str) -> None:
     recipe = load_recipe(name)
     expected = PaperResult(nfe=nfe0, fid=fid0)
     assert (recipe.paper_before.nfe, recipe.paper_before.fid) == (expected.nfe, expected.fid)
+    # the pixel rule of the pipeline behind each number: UCGM's own evaluation truncates
+    assert recipe.paper_after.uint8 == recipe.uint8 == "truncate" and recipe.paper_before.uint8 in ("round", "truncate")
     assert (recipe.paper_after.nfe, recipe.paper_after.fid) == (nfe1, fid1)
     # Our NFE count of the recipe's settings is the paper's.
     assert recipe.sampling.nfe_label == nfe1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderDC, AutoencoderKL
@@ -272,6 +273,20 @@ def test_to_uint8() -> None:
     out = to_uint8(images)
     assert out.shape == (1, 2, 2, 3) and out.dtype == torch.uint8
     assert out[0, :, :, 0].flatten().tolist() == [0, 128, 255, 127]
+
+
+def test_to_uint8_truncates_like_the_ucgm_reference_and_rounds_half_up_like_lightningdit() -> None:
+    x = torch.tensor([0.999, 0.5, 1.0, 0.499, 1.5, -0.2]).view(1, 1, 2, 3).expand(1, 3, 2, 3)
+    assert to_uint8(x, "truncate")[0, :, :, 0].flatten().tolist() == [254, 127, 255, 127, 255, 0]
+    # numpy's truncating cast of x * 255 (UCGM metrics/torch_quality.py) on the same values
+    assert to_uint8(x, "truncate")[0, :, :, 0].flatten().tolist() == (x[0, 0].clamp(0, 1) * 255).numpy().astype(
+        np.uint8).flatten().tolist()
+    assert to_uint8(x, "round")[0, :, :, 0].flatten().tolist() == [255, 128, 255, 127, 255, 0]
+    # LightningDiT decode_to_images: clamp(127.5 * y + 128, 0, 255) -> uint8 with y = 2 x - 1
+    y = x[0, 0].clamp(0, 1) * 2 - 1
+    assert to_uint8(x, "round")[0, :, :, 0].tolist() == torch.clamp(127.5 * y + 128.0, 0, 255).to(torch.uint8).tolist()
+    with pytest.raises(UCGMError, match="uint8 rule"):
+        to_uint8(x, "nearest")
 
 
 # (d) bad inputs ------------------------------------------------------------------------------

@@ -79,6 +79,16 @@ class Reporter:
                 table.add_row(key, str(value))
             stderr.print(table)
 
+    def grid(self, title: str, columns: list[str], rows: list[list[object]]) -> None:
+        """A table with a header row (a sweep's summary)."""
+        if self.enabled:
+            table = Table(title=title)
+            for column in columns:
+                table.add_column(column)
+            for row in rows:
+                table.add_row(*map(str, row))
+            stderr.print(table)
+
     def note(self, message: str) -> None:
         if self.enabled:
             note(message)

@@ -14,7 +14,7 @@ from .model import GenerativeModel
 from .sampler import sample
 from .seeding import initial_noise, sample_generators
 from .settings import SamplingSettings
-from .vae import decode, to_uint8
+from .vae import UINT8_DEFAULT, decode, to_uint8
 
 ROW_MULTIPLE = 8
 
@@ -70,10 +70,12 @@ def generate_batch(
     dtype: str = "float32",
     step_callback: Callable[[int, Tensor], None] | None = None,
     vae_module: nn.Module | None = None,
+    uint8: str = UINT8_DEFAULT,
 ) -> tuple[Tensor, Tensor]:
     """Sample the given indices: returns (latents [B, C, H, W] float32, images [B, H, W, 3] uint8).
 
-    `vae_module` decodes latents (`vae.load_model_vae(model)`); pixel-space models need none.
+    `vae_module` decodes latents (`vae.load_model_vae(model)`); pixel-space models need none. `uint8`: the
+    pixel rule (vae.UINT8_RULES).
     """
     device = model.device
     generators = sample_generators(seed, indices)
@@ -89,7 +91,7 @@ def generate_batch(
             y=y,
             **settings.as_sample_kwargs(),
         )
-        images = to_uint8(decode(latents, model.cfg.vae, vae_module).cpu())
+        images = to_uint8(decode(latents, model.cfg.vae, vae_module).cpu(), uint8)
     return latents.cpu(), images
 
 

@@ -20,6 +20,7 @@ from pydantic import AfterValidator, Field, model_validator
 from .adapters import family_names
 from .errors import UCGMError
 from .settings.base import Describe, Float, Int, NonEmpty, Settings, SettingsError, nested_model
+from .settings.evaluation import DEFAULT_METRICS, UINT8_DEFAULT, MetricList, Uint8Rule
 from .settings.sampling import SamplingSettings
 from .settings.tuning import TuningSettings
 from .transports import TRANSPORTS, get_transport
@@ -50,6 +51,7 @@ def _transport(name: str) -> str:
     return get_transport(name).name
 
 
+
 class PaperResult(Settings):
     """A published FID and its cost, as the UCGM README reports it, with what it was measured on.
 
@@ -62,6 +64,7 @@ class PaperResult(Settings):
     note: str = ""
     checkpoint: str = ""
     reference: str = ""
+    uint8: Uint8Rule | None = None  # type: ignore[valid-type]  # the pixel rule of the pipeline that measured it
 
     def details(self) -> str:
         """The note, then the checkpoint and reference statistics when stated (one line for tables)."""
@@ -93,6 +96,10 @@ class Recipe(Settings):
     sampling: SamplingSettings
     few_step_sampling: SamplingSettings | None = None
     tuning: TuningSettings | None = None
+    # What `ucgm eval fid` computes by default: the metrics the paper's table reports, and the uint8 rule
+    # of the pipeline that measured paper_after / paper_tuned (vae.UINT8_RULES).
+    metrics: MetricList = Field(default_factory=lambda: list(DEFAULT_METRICS))
+    uint8: Uint8Rule = UINT8_DEFAULT  # type: ignore[valid-type]
     paper_before: PaperResult | None = None
     paper_after: PaperResult | None = None
     paper_tuned: PaperResult | None = None

@@ -26,6 +26,7 @@ from .formats.torch_files import read_torch, tensor_dict
 from .foundation import looks_like_hub_id, one_line
 from .nets.ldm_vae import build_autoencoder_kl, diffusers_naming
 from .settings import SettingsError, VaeSpec
+from .settings.evaluation import UINT8_DEFAULT, UINT8_RULES
 
 # The diffusers class each name decodes with (f16d32 is an AutoencoderKL with attention levels).
 DIFFUSERS_CLASS = {"sd-vae": "AutoencoderKL", "ldm-f16d32": "AutoencoderKL", "dc-ae": "AutoencoderDC"}
@@ -112,12 +113,14 @@ def encode(
     return (z - _stat(spec, "latent_mean", z)) / _stat(spec, "latent_std", z)
 
 
-UINT8_RULE = "ucgm_convert.vae.to_uint8: round(255 * x) for x in [0, 1], clamped to [0, 255] (round to nearest)"
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """[B, C, H, W] floats in [0, 1] -> [B, H, W, C] uint8, rounding to nearest."""
-    return (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+def to_uint8(images: Tensor, rule: str = UINT8_DEFAULT) -> Tensor:
+    """[B, C, H, W] floats in [0, 1] -> [B, H, W, C] uint8 by `rule` (settings.evaluation.UINT8_RULES):
+    round half up, floor(255 x + 0.5), or truncate, floor(255 x)."""
+    if rule not in UINT8_RULES:
+        raise UCGMError(f"uint8 rule: expected one of {', '.join(UINT8_RULES)}, got {rule!r}")
+    scaled = images.clamp(0, 1) * 255
+    pixels = scaled + 0.5 if rule == "round" else scaled
+    return pixels.floor().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def vae_only(state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:

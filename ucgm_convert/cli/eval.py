@@ -13,7 +13,7 @@ from .groups import EVAL, EVAL_REF
 from .options import flags
 
 eval_app = typer.Typer(
-    help="Measure FID / Inception Score the way papers report them (torch-fidelity's Inception, ADM reference stats).",
+    help="Measure FID, sFID, IS, precision, recall and FD_DINOv2 the way papers report them (ADM evaluator settings).",
     no_args_is_help=True,
 )
 NPROC = typer.Option(1, "--nproc", help="Processes (GPUs) on this machine: relaunches under torchrun. Results do "
@@ -24,7 +24,8 @@ NPROC = typer.Option(1, "--nproc", help="Processes (GPUs) on this machine: relau
 @clean_errors
 @flags
 def fid_command(config: Annotated[evaluate.EvalConfig, EVAL], nproc: int = NPROC) -> None:
-    """Sample NUM images with UCGM-S and report FID and Inception Score against --ref; writes OUT/results.json."""
+    """Sample NUM images with UCGM-S and report --metrics against --ref; writes OUT/results.json. A sampling flag
+    with several values (--steps 4,8,16) runs a sweep: one evaluation per value, a table and plots."""
     relaunch_if_asked(nproc)
     evaluate.run(config, Reporter())
 
@@ -33,5 +34,5 @@ def fid_command(config: Annotated[evaluate.EvalConfig, EVAL], nproc: int = NPROC
 @clean_errors
 @flags
 def ref_command(config: Annotated[evaluate.RefConfig, EVAL_REF]) -> None:
-    """Build reference statistics (mu, sigma of Inception pool3 features) from images; images are not resized."""
+    """Build a reference (FID and sFID statistics, pool rows, DINOv2 statistics) from images; never resized."""
     evaluate.run_ref(config, Reporter())

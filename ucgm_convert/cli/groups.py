@@ -7,7 +7,7 @@ from ..jobs.convert import ConvertConfig
 from ..jobs.evaluate import EvalConfig, RefConfig
 from ..jobs.prepare import PrepareConfig
 from ..jobs.sample import SampleConfig
-from ..jobs.source import ArchOverrides, ModelSource, SamplingOverrides, TuningOverrides
+from ..jobs.source import ArchOverrides, ModelSource, SamplingOverrides, SamplingSweep, TuningOverrides
 from ..jobs.tune import TuneConfig
 from .options import Group
 
@@ -17,7 +17,8 @@ SAMPLING = Group(SamplingOverrides, flags={"cfg_scale": ("--cfg-scale", "--cfg")
 TUNING = Group(TuningOverrides, note="Default: the recipe's tuning value.")
 
 SAMPLE = Group(SampleConfig, sections={"source": SOURCE, "arch": ARCH, "sampling": SAMPLING})
-EVAL = Group(EvalConfig, sections={"source": SOURCE, "arch": ARCH, "sampling": SAMPLING})
+SWEEP = Group(SamplingSweep, flags=SAMPLING.flags, note=SAMPLING.note)  # eval fid: a list of values is a sweep
+EVAL = Group(EvalConfig, sections={"source": SOURCE, "arch": ARCH, "sampling": SWEEP})
 EVAL_REF = Group(RefConfig, arguments=("source",))
 TUNE = Group(TuneConfig, sections={"source": SOURCE, "arch": ARCH, "tuning": TUNING})
 PREPARE = Group(PrepareConfig, sections={"source": SOURCE, "arch": ARCH}, arguments=("images",))

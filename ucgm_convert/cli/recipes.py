@@ -103,11 +103,12 @@ def _papers_table(recipe: Recipe) -> Table | None:
     if not rows:
         return None
     table = Table(title="paper results (UCGM README)", title_justify="left", box=box.SIMPLE)
-    for column in ("", "NFE", "FID", "note", "source"):
+    for column in ("", "NFE", "FID", "uint8", "note", "source"):
         table.add_column(column, overflow="fold")
     for label, key in rows:
         result = getattr(recipe, key)
-        table.add_row(label, result.nfe, f"{result.fid:g}", result.details(), recipe.provenance(key))
+        table.add_row(label, result.nfe, f"{result.fid:g}", result.uint8 or "-", result.details(),
+                      recipe.provenance(key))
     return table
 
 

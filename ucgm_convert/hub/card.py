@@ -49,6 +49,10 @@ CARD_MARKER = ("<!-- ucgm-convert: generated model card; `ucgm push` regenerates
 # Cards written by earlier versions of `ucgm tune` start like this (and are ours too).
 GENERATED_CARD_SIGNATURES = (CARD_MARKER, "Few-step generator made by `ucgm tune")
 CardPolicy = Literal["auto", "overwrite", "keep"]
+# results.json metric name -> (model-index metric type, label)
+METRIC_TYPES = {"fid": ("fid", "FID"), "is": ("inception_score", "IS"), "sfid": ("sfid", "sFID"),
+                "prec": ("precision", "Precision"), "rec": ("recall", "Recall"),
+                "fd_dinov2": ("fd_dinov2", "FD_DINOv2")}
 
 
 @dataclass
@@ -169,11 +173,12 @@ def card_metadata(info: CardInfo, repo_id: str | None, base_model: str | None = 
                       task_name="Class-conditional image generation" if conditional else "Image generation",
                       dataset_type=info.dataset or "custom", dataset_name=_dataset_name(info),
                       metric_config=f"nfe={r.nfe}", metric_args=args)
-        eval_results.append(EvalResult(metric_type="fid", metric_name=f"FID ({r.nfe} NFE)", metric_value=r.fid,
-                                       **common))
-        if r.inception_score is not None:
-            eval_results.append(EvalResult(metric_type="inception_score", metric_name=f"IS ({r.nfe} NFE)",
-                                           metric_value=r.inception_score, **common))
+        args.update({k: v for k, v in (("reference", r.reference), ("reference_sha256", r.reference_sha256),
+                                       ("uint8", r.uint8)) if v})
+        for name, value in r.metrics.items():
+            kind, label = METRIC_TYPES.get(name, (name, name))
+            eval_results.append(EvalResult(metric_type=kind, metric_name=f"{label} ({r.nfe} NFE)",
+                                           metric_value=value, **common))
     spdx = license or lic.spdx
     other = spdx == "other"
     return ModelCardData(
@@ -295,13 +300,16 @@ def _results_section(info: CardInfo) -> list[str]:
         return []
     lines = ["## Results", ""]
     if info.results:
-        lines += ["Measured with `ucgm eval fid` (`results.json`); lower FID is better.", "",
-                  "| NFE | FID | IS | samples | steps | order | CFG scale | reference |",
-                  "|---|---|---|---|---|---|---|---|"]
+        names = [n for n in METRIC_TYPES if any(n in r.metrics for r in info.results)]
+        lines += ["Measured with `ucgm eval fid` (`results.json`); lower FID, sFID and FD_DINOv2 are better.", "",
+                  f"| NFE | {' | '.join(METRIC_TYPES[n][1] for n in names)} | samples | steps | order | CFG scale "
+                  "| uint8 | reference |", "|---" * (len(names) + 7) + "|"]
         for r in info.results:
             s = r.settings
-            lines.append(f"| {r.nfe} | {r.fid:.2f} | {_fmt(r.inception_score, '.1f')} | {_fmt(r.num_samples)} "
-                         f"| {_fmt(s.get('steps'))} | {_fmt(s.get('order'))} | {_fmt(s.get('cfg_scale'))} "
+            values = " | ".join(_fmt(r.metrics.get(n), ".1f" if n == "is" else ".3f" if n in ("prec", "rec")
+                                     else ".2f") for n in names)
+            lines.append(f"| {r.nfe} | {values} | {_fmt(r.num_samples)} | {_fmt(s.get('steps'))} "
+                         f"| {_fmt(s.get('order'))} | {_fmt(s.get('cfg_scale'))} | {_fmt(r.uint8)} "
                          f"| {_fmt(r.reference)} |")
         lines.append("")
     if paper:

@@ -1,7 +1,9 @@
 """What `ucgm eval fid` measured, read back for model cards: results.json, defensively.
 
-results.json is a JSON object, a list of them, or {"results": [...]}. Per result, keys used (all
-but "fid" optional; unknown keys ignored): "fid"; the NFE as "nfe" (int or label such as "40x2"),
+results.json is a JSON object, a list of them, or {"results": [...]}; a sweep folder (sweep.json)
+stands for the results.json of each of its points. Per result, keys used (all optional but one
+number; unknown keys ignored): "metrics" (name -> value: fid, is, sfid, prec, rec, fd_dinov2),
+else the older "fid" and "inception_score"; the NFE as "nfe" (int or label such as "40x2"),
 else "sampling"."nfe_per_sample", else computed from the settings; the settings as "settings" or
 "sampling"."settings"; "inception_score" (a number, or a mapping with "mean"); "num_samples";
 "reference" (text, or a mapping with "name" or "path"), "dataset" as a fallback; and
@@ -20,14 +22,19 @@ from ..checkpoint import RESULTS_NAME
 from ..errors import UCGMError
 from ..settings import SamplingSettings, SettingsError
 
+SWEEP_NAME = "sweep.json"  # jobs/evaluate/sweep.py SUMMARY_JSON (hub sits above jobs)
+
 
 @dataclass
 class MeasuredResult:
     """One entry of results.json."""
 
-    fid: float
+    fid: float | None
     nfe: str
     inception_score: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # every number measured, by metric name
+    uint8: str | None = None  # the pixel rule the samples were made with
+    reference_sha256: str | None = None
     num_samples: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     reference: str | None = None
@@ -38,6 +45,9 @@ class MeasuredResult:
 def read_results(path: str | Path) -> list[MeasuredResult]:
     """The measured results of `path` (a folder: its results.json, absent = none; or a file)."""
     path = Path(path)
+    if path.is_dir() and (path / SWEEP_NAME).is_file():
+        return [r for point in sorted(p for p in path.iterdir() if (p / RESULTS_NAME).is_file())
+                for r in read_results(point)]
     file = path / RESULTS_NAME if path.is_dir() else path
     if not file.is_file():
         if file != path:
@@ -59,19 +69,20 @@ def read_results(path: str | Path) -> list[MeasuredResult]:
     for entry in entries:
         if not isinstance(entry, dict):
             continue
-        fid = _number(entry.get("fid"))
-        if fid is None:
+        metrics = _metrics_of(entry)
+        if not metrics:
             continue
         sampling = entry.get("sampling") if isinstance(entry.get("sampling"), dict) else {}
         settings = next((s for s in (entry.get("settings"), sampling.get("settings")) if isinstance(s, dict)), {})
         model = entry.get("model") if isinstance(entry.get("model"), dict) else {}
-        inception = entry.get("inception_score")
-        if isinstance(inception, dict):  # ucgm eval fid: {"mean", "std", "splits", ...}
-            inception = inception.get("mean")
+        reference = entry.get("reference") if isinstance(entry.get("reference"), dict) else {}
         results.append(MeasuredResult(
-            fid=fid,
+            fid=metrics.get("fid"),
             nfe=_nfe_of(entry.get("nfe", sampling.get("nfe_per_sample")), settings),
-            inception_score=_number(inception),
+            inception_score=metrics.get("is"),
+            metrics=metrics,
+            uint8=text_or_none(entry.get("uint8")),
+            reference_sha256=text_or_none(reference.get("sha256")),
             num_samples=_integer(entry.get("num_samples")),
             settings=settings,
             reference=_reference_text(entry.get("reference")) or text_or_none(entry.get("dataset")),
@@ -79,6 +90,18 @@ def read_results(path: str | Path) -> list[MeasuredResult]:
             source=str(file),
         ))
     return results
+
+
+def _metrics_of(entry: dict[str, Any]) -> dict[str, float]:
+    """name -> value of every finite number measured ("metrics", else the older "fid" / "inception_score")."""
+    given = entry.get("metrics")
+    if isinstance(given, dict):
+        return {str(k): v for k, value in given.items() if (v := _number(value)) is not None}
+    inception = entry.get("inception_score")
+    if isinstance(inception, dict):  # ucgm eval fid: {"mean", "std", "splits", ...}
+        inception = inception.get("mean")
+    found = {"fid": _number(entry.get("fid")), "is": _number(inception)}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def _reference_text(value: Any) -> str | None:

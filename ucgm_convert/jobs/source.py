@@ -22,6 +22,7 @@ from ..model import GenerativeModel
 from ..recipe import Recipe, load_recipe, parse_recipe, parse_yaml, recipe_names
 from ..settings import SamplingSettings
 from ..settings.base import Int, Settings, overrides_of
+from ..settings.sweep import sweep_of
 from ..settings.tuning import TuningSettings
 
 DEFAULT_RECIPE = "demo"
@@ -58,6 +59,7 @@ class ArchOverrides(Settings):
 
 
 SamplingOverrides = overrides_of(SamplingSettings, "SamplingOverrides")
+SamplingSweep = sweep_of(SamplingOverrides, "SamplingSweep")  # `eval fid`: a flag may list values (a sweep)
 TuningOverrides = overrides_of(TuningSettings, "TuningOverrides")
 
 

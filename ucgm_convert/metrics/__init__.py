@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UCGMError
+from ..settings.evaluation import split_metrics
 from .fid import FeatureStats, frechet_distance
 
 INCEPTION, DINOV2 = "inception", "dinov2"
@@ -51,12 +52,10 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
 
 def parse_metrics(names: str | Iterable[str]) -> list[str]:
     """'fid,is,sfid' (or a list) -> known metric names in the given order, without duplicates."""
-    items = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
-    unknown = [n for n in items if n not in METRICS]
-    if unknown or not items:
-        raise UCGMError(f"--metrics: unknown {', '.join(unknown) or 'empty list'}; expected a comma-separated "
-                        f"subset of {', '.join(METRICS)}")
-    return list(dict.fromkeys(items))
+    try:
+        return split_metrics(names)
+    except ValueError as err:
+        raise UCGMError(f"--metrics: {err}; expected a comma-separated subset of {', '.join(METRICS)}") from None
 
 
 def passes(names: Iterable[str]) -> dict[str, list[str]]:

@@ -1,6 +1,8 @@
-"""`ucgm eval`: `run(EvalConfig)` (sample, features, FID / IS, sharded and resumable) and `run_ref(RefConfig)`."""
+"""`ucgm eval`: `run(EvalConfig)` (sample, features, the table's metrics, sharded and resumable; a sweep when a
+sampling field lists several values) and `run_ref(RefConfig)`."""
 
-from .job import EvalConfig, run
+from .job import EvalConfig, run_one
 from .reference import RefConfig, RefResult, run_ref
+from .sweep import run
 
-__all__ = ["EvalConfig", "RefConfig", "RefResult", "run", "run_ref"]
+__all__ = ["EvalConfig", "RefConfig", "RefResult", "run", "run_one", "run_ref"]

@@ -2,17 +2,18 @@
 
 The work is cut into fixed chunks of `chunk_size` consecutive sample indices. Chunk k holds
 samples [k*chunk_size, (k+1)*chunk_size); sample i has class i % num_classes and noise seeded by
-(seed, i), and a chunk's Inception features are computed in ONE forward of the whole chunk, so a
-chunk's features never depend on how many processes run or which one computes it. Pending
+(seed, i), and a chunk's features (Inception, DINOv2) are computed in ONE forward per network of the
+whole chunk, so they never depend on how many processes run or which one computes them. Pending
 chunks are dealt round-robin to the ranks; each finished chunk is written atomically to
 OUT/features/chunk-XXXXX.npz (temporary file + rename: a killed process leaves no half chunk).
 The final statistics are accumulated in float64 from all chunks in index order by one process.
-So a 1-process run, an N-process run and a run killed and resumed give bit-identical features,
-FID and IS -- on CPU as long as each process uses the same number of threads (torchrun sets
+So a 1-process run, an N-process run and a run killed and resumed give bit-identical features
+and metrics -- on CPU as long as each process uses the same number of threads (torchrun sets
 OMP_NUM_THREADS=1 per worker), on GPUs of the same kind.
 
 OUT/eval.json records what determines the features (model hash, settings, seed, num, chunk
-size, Inception weights, versions); a rerun with anything different refuses to mix chunks.
+size, the features and their networks' weights, the uint8 rule, versions); a rerun with anything different
+refuses to mix chunks.
 OUT/results.json is written (atomically) only when every chunk exists, and removed when a run
 starts, so an interrupted run never leaves a results.json behind.
 """
@@ -111,8 +112,8 @@ class ChunkStore:
         r = self.ranges[k]
         if key != self.key or (start, stop) != (r.start, r.stop):
             raise UCGMError(f"{path}: computed with other settings than this run (different model, sampling "
-                            f"settings, seed, --num, --chunk-size or Inception weights); use a new --out or "
-                            f"delete {self.folder}")
+                            f"settings, seed, --num, --chunk-size, --uint8, features or their weights); use a new "
+                            f"--out or delete {self.folder}")
         return "missing" if need_images and not has_images else "done"
 
     def write(self, k: int, features: dict[str, np.ndarray], labels: Sequence[int],
