@@ -8,8 +8,8 @@ data.image_size / vae.downsample_ratio and data.num_classes must match the weigh
 transport; vae.type with data.latent_norm / latent_multiplier gives the latents (latent_norm needs the
 reference's statistics file buffers/vaes/stat/<vae>_<res>.pt, pass --latent-stats); sample (type UNI) becomes
 the stored UCGM-S settings (cfg_scale 0, the reference's "no guidance", is 1.0 here). Depth and width are read
-from the weights. Networks whose keys equal ours: SiT-*, LightningDiT-*, DDT-*; TiT-* (parameter-free
-RMSNorm), EDM2-* and UNet+ are refused by name.
+from the weights. Networks whose keys equal ours: SiT-*, LightningDiT-*, TiT-* (our LightningDiT with
+norm_weights=False) and DDT-*; EDM2-* and UNet+ are refused by name.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ NAME = "ucgm-release"
 OVERRIDES = ("latent_stats",)
 CONTAINER_KEYS = ("model", "ema", "opt", "unigen", "config")
 _TYPE = re.compile(r"^(?P<net>SiT|LightningDiT|DDT|TiT|EDM2|UNet\+)(?:-(?P<size>[A-Za-z0-9]+)(?:/(?P<patch>\d+))?)?$")
-SUPPORTED = ("SiT", "LightningDiT", "DDT")
+SUPPORTED = ("SiT", "LightningDiT", "TiT", "DDT")
+# UCGM's TiT is its LightningDiT with q/k norm and weightless RMSNorms (networks/tit.py): switches the keys hide.
+TIT_SWITCHES = {"use_qknorm": True, "use_rmsnorm": True, "norm_weights": False}
 HEADS = {"S": 6, "B": 12, "L": 16, "XL": 16, "1p0B": 24}  # the reference's size tables (networks/*.py)
 DDT_PUBLISHED = (28, 22)  # DDT-XL: 28 blocks, 22 of them the encoder
 # vae.type -> (our VAE name, weights, pixel range of its decoder), from the reference's autoencs/*.py.
@@ -200,6 +202,8 @@ def _arch(path: Path, net: str, heads: int, state: Mapping[str, Tensor], config:
         kwargs = _sit_kwargs(path, state, heads)
     else:
         kwargs = lightningdit.arch_kwargs(path, state, None)
+        if net == "TiT":
+            kwargs.update(TIT_SWITCHES)
     _check(path, "model.in_chans", config.model.in_chans, kwargs["in_channels"])
     _check(path, "data.num_classes", config.data.num_classes, kwargs["num_classes"])
     _check(path, f"model.type {config.model.type!r}: heads", heads, kwargs["num_heads"])
@@ -263,7 +267,7 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
     net_name, heads, patch = _network(path, config.model.type)
     kwargs = _arch(path, net_name, heads, state, config)
     _check(path, f"model.type {config.model.type!r}: patch size", patch, kwargs["patch_size"])
-    arch = {"SiT": "sit", "LightningDiT": "lightningdit", "DDT": "ddt"}[net_name]
+    arch = {"SiT": "sit", "LightningDiT": "lightningdit", "TiT": "lightningdit", "DDT": "ddt"}[net_name]
     net = meta_network(ARCHITECTURES[arch], kwargs, state, f"{path} ['ema']")
     side = config.data.image_size // config.vae.downsample_ratio
     family, recipes = SOURCES.get((net_name, config.vae.type), (NAME, {}))
