@@ -295,7 +295,7 @@ BAD_VALUES = [
     ("sampling.cfg_scale", "strong", "expected a number > 0"),
     ("sampling.cfg_interval", [0.8, 0.2], "lo <= hi"),
     ("transport", "Curvy", "one of 'Linear', 'ReLinear', 'TrigFlow', 'EDM', 'TrigLinear', 'Random', 'DiscreteVP', got 'Curvy'"),
-    ("family", "sd3", "one of 'ucgm', 'edm2', 'ddt', 'lightningdit', 'repa-e', got 'sd3'"),
+    ("family", "sd3", "one of 'ucgm', 'ucgm-release', 'edm2', 'ddt', 'lightningdit', 'repa-e', got 'sd3'"),
     ("resolution", "256px", "expected an integer >= 1"),
     ("num_classes", 0, "expected an integer >= 1"),
     ("model", "", "not empty"),
