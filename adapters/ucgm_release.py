@@ -8,12 +8,14 @@ data.image_size / vae.downsample_ratio and data.num_classes must match the weigh
 transport; vae.type with data.latent_norm / latent_multiplier gives the latents (latent_norm needs the
 reference's statistics file buffers/vaes/stat/<vae>_<res>.pt, pass --latent-stats); sample (type UNI) becomes
 the stored UCGM-S settings (cfg_scale 0, the reference's "no guidance", is 1.0 here). Depth and width are read
-from the weights. Networks whose keys equal ours: SiT-*, LightningDiT-*, DDT-*; TiT-* (parameter-free
-RMSNorm), EDM2-* and UNet+ are refused by name.
+from the weights. Networks whose keys equal ours: SiT-*, LightningDiT-*, TiT-* (our LightningDiT with
+norm_weights=False), DDT-* and EDM2-* (UCGM's UNet: t -> 2.68 t - 1.59 inside, as our edm2-unet); UNet+ is
+refused by name.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from collections.abc import Mapping
@@ -24,7 +26,7 @@ import torch
 from pydantic import AfterValidator, ConfigDict, Field
 from torch import Tensor
 
-from ucgm_convert.adapters import lightningdit
+from ucgm_convert.adapters import edm2, lightningdit
 from ucgm_convert.adapters.common import (
     block_count,
     channel_stats,
@@ -53,7 +55,10 @@ NAME = "ucgm-release"
 OVERRIDES = ("latent_stats",)
 CONTAINER_KEYS = ("model", "ema", "opt", "unigen", "config")
 _TYPE = re.compile(r"^(?P<net>SiT|LightningDiT|DDT|TiT|EDM2|UNet\+)(?:-(?P<size>[A-Za-z0-9]+)(?:/(?P<patch>\d+))?)?$")
-SUPPORTED = ("SiT", "LightningDiT", "DDT")
+SUPPORTED = ("SiT", "LightningDiT", "TiT", "DDT", "EDM2")
+ARCHS = {"SiT": "sit", "LightningDiT": "lightningdit", "TiT": "lightningdit", "DDT": "ddt", "EDM2": "edm2-unet"}
+# UCGM's TiT is its LightningDiT with q/k norm and weightless RMSNorms (networks/tit.py): switches the keys hide.
+TIT_SWITCHES = {"use_qknorm": True, "use_rmsnorm": True, "norm_weights": False}
 HEADS = {"S": 6, "B": 12, "L": 16, "XL": 16, "1p0B": 24}  # the reference's size tables (networks/*.py)
 DDT_PUBLISHED = (28, 22)  # DDT-XL: 28 blocks, 22 of them the encoder
 # vae.type -> (our VAE name, weights, pixel range of its decoder), from the reference's autoencs/*.py.
@@ -68,8 +73,10 @@ VAES = {
     "idae_f1c3": ("identity", None, "-1,1"),
 }
 # Which of our families and recipes a network on a VAE continues (so --from that recipe, tuning and cards agree).
+# The recipes are keyed by image size (EDM2: by model_channels, its size).
 SOURCES = {("LightningDiT", "vavae_f16d32"): ("lightningdit", {256: "lightningdit"}),
-           ("SiT", "e2evavae_f16d32"): ("repa-e", {256: "repa-e"}), ("DDT", "sdvae_ema_f8c4"): ("ddt", DDT_RECIPES)}
+           ("SiT", "e2evavae_f16d32"): ("repa-e", {256: "repa-e"}), ("DDT", "sdvae_ema_f8c4"): ("ddt", DDT_RECIPES),
+           ("EDM2", "edm2_sdvae_f8c4"): ("edm2", edm2.RECIPES)}
 GUIDED_CHANNELS = {"LightningDiT": 3}  # its forward_with_cfg guides model_out[:, :3]; the others every channel
 
 
@@ -157,6 +164,8 @@ def _network(path: Path, model_type: str) -> tuple[str, int | None, int | None]:
     if net not in SUPPORTED:
         raise UCGMError(f"{path}: config.model.type {model_type!r}: the reference's {net} network is not "
                         f"supported (supported: {', '.join(n + '-*' for n in SUPPORTED)})")
+    if net == "EDM2":  # EDM2-XS .. EDM2-XXL: only model_channels differs, and the weights tell it
+        return net, None, None
     if size not in HEADS or patch is None:
         raise UCGMError(f"{path}: config.model.type {model_type!r}: expected {net}-SIZE/PATCH with SIZE one of "
                         f"{', '.join(HEADS)}")
@@ -192,21 +201,35 @@ def _sit_kwargs(path: Path, state: Mapping[str, Tensor], heads: int) -> dict[str
             "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / geometry["hidden_size"]}
 
 
-def _arch(path: Path, net: str, heads: int, state: Mapping[str, Tensor], config: ReleaseConfig) -> dict[str, Any]:
-    """Our network's constructor arguments, checked against what the config states."""
-    if net == "DDT":
-        kwargs = _ddt_kwargs(path, state, config.model.in_chans)
-    elif net == "SiT":
-        kwargs = _sit_kwargs(path, state, heads)
+def _edm2_kwargs(path: Path, state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """EDM2UNet arguments: shapes as for an EDM2 snapshot (the UNet's keys), scalars at UCGM's (= EDM2's) defaults."""
+    return edm2.infer_arch({f"unet.{k}": v for k, v in state.items()}, path) | copy.deepcopy(edm2.SCALAR_DEFAULTS)
+
+
+def _arch(path: Path, net: str, heads: int | None, state: Mapping[str, Tensor],
+          config: ReleaseConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(our network's constructor arguments, its sizes in DiT names), checked against what the config states."""
+    if net == "EDM2":
+        kwargs = _edm2_kwargs(path, state)
+        sizes = {"in_channels": kwargs["img_channels"], "num_classes": kwargs["label_dim"],
+                 "input_size": kwargs["img_resolution"]}
     else:
-        kwargs = lightningdit.arch_kwargs(path, state, None)
-    _check(path, "model.in_chans", config.model.in_chans, kwargs["in_channels"])
-    _check(path, "data.num_classes", config.data.num_classes, kwargs["num_classes"])
-    _check(path, f"model.type {config.model.type!r}: heads", heads, kwargs["num_heads"])
-    if "input_size" in kwargs:
+        if net == "DDT":
+            kwargs = _ddt_kwargs(path, state, config.model.in_chans)
+        elif net == "SiT":
+            kwargs = _sit_kwargs(path, state, heads)  # type: ignore[arg-type]
+        else:
+            kwargs = lightningdit.arch_kwargs(path, state, None)
+            if net == "TiT":
+                kwargs.update(TIT_SWITCHES)
+        sizes = kwargs
+        _check(path, f"model.type {config.model.type!r}: heads", heads, kwargs["num_heads"])
+    _check(path, "model.in_chans", config.model.in_chans, sizes["in_channels"])
+    _check(path, "data.num_classes", config.data.num_classes, sizes["num_classes"])
+    if "input_size" in sizes:
         _check(path, "data.image_size / vae.downsample_ratio", config.data.image_size // config.vae.downsample_ratio,
-               kwargs["input_size"])
-    return kwargs
+               sizes["input_size"])
+    return kwargs, sizes
 
 
 def _latents(path: Path, config: ReleaseConfig, channels: int, stats: str | Path | None) -> dict[str, Any]:
@@ -261,16 +284,19 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
     path = checkpoint_to_load(path, _is_release, "UCGM release", (".pt", ".pth"))
     config, state = read_release(path)
     net_name, heads, patch = _network(path, config.model.type)
-    kwargs = _arch(path, net_name, heads, state, config)
-    _check(path, f"model.type {config.model.type!r}: patch size", patch, kwargs["patch_size"])
-    arch = {"SiT": "sit", "LightningDiT": "lightningdit", "DDT": "ddt"}[net_name]
+    kwargs, sizes = _arch(path, net_name, heads, state, config)
+    if patch is not None:
+        _check(path, f"model.type {config.model.type!r}: patch size", patch, kwargs["patch_size"])
+    arch = ARCHS[net_name]
     net = meta_network(ARCHITECTURES[arch], kwargs, state, f"{path} ['ema']")
     side = config.data.image_size // config.vae.downsample_ratio
     family, recipes = SOURCES.get((net_name, config.vae.type), (NAME, {}))
-    model_config = dit_config(family, arch, kwargs, config.transport.type, side,
-                              _latents(path, config, kwargs["in_channels"], overrides.get("latent_stats")),
-                              recipes.get(config.data.image_size), guidance_channels=GUIDED_CHANNELS.get(net_name))
-    model_config = model_config.replace(sampling=_sampling(path, config.sample))
+    recipe = recipes.get(kwargs["model_channels"] if net_name == "EDM2" else config.data.image_size)
+    model_config = dit_config(family, arch, {**kwargs, **sizes}, config.transport.type, side,
+                              _latents(path, config, sizes["in_channels"], overrides.get("latent_stats")), recipe,
+                              guidance_channels=GUIDED_CHANNELS.get(net_name))
+    # arch_kwargs: the constructor's own arguments only (the DiT-style size names were for dit_config)
+    model_config = model_config.replace(arch_kwargs=kwargs, sampling=_sampling(path, config.sample))
     return frozen_model(net, model_config, device, dtype)
 
 

@@ -1,9 +1,10 @@
 """UCGM's own checkpoints (LINs-lab/UCGM main.py format): detection, outputs, the stored config, bad configs.
 
 tests/fixtures/ucgm_release/ is written by scripts/fixtures/make_ucgm_release.py from the reference checkout:
-tiny SiT-S/2 (SD-VAE, Linear), LightningDiT-S/1 (VA-VAE, ReLinear) and DDT-XL/2 (SD-VAE, ReLinear) networks
-of the reference's networks/*.py saved as {"model", "ema", "opt", "unigen", "config"} with the config of its
-configs/tuning_few_steps/*.yaml, and the reference networks' EMA outputs (`expected.safetensors`).
+tiny SiT-S/2 (SD-VAE, Linear), LightningDiT-S/1 (VA-VAE, ReLinear), DDT-XL/2 (SD-VAE, ReLinear), TiT-S/1
+(VA-VAE, Linear: UCGM's own network) and EDM2-S (EDM2's SD-VAE latents, EDM) of the reference's networks/*.py
+saved as {"model", "ema", "opt", "unigen", "config"} with the config of one of its configs/*/*.yaml, and the
+reference networks' EMA outputs (`expected.safetensors`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from ucgm_convert.jobs.source import ArchOverrides, ModelSource, resolve
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ucgm_release"
 STATS = FIXTURES / "lightningdit_stats.pt"
-CASES = ("sit", "lightningdit", "ddt")
-OVERRIDES = {"lightningdit": {"latent_stats": str(STATS)}}
+CASES = ("sit", "lightningdit", "tit", "ddt", "edm2")
+EDM2_STATS = FIXTURES / "edm2_stats.pt"
+OVERRIDES = {"lightningdit": {"latent_stats": str(STATS)}, "tit": {"latent_stats": str(STATS)},
+             "edm2": {"latent_stats": str(EDM2_STATS)}}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +85,15 @@ def test_stored_config_is_honoured() -> None:
         "lightningdit", "ReLinear", 3, "ldm-f16d32")
     assert ldit.cfg.vae.latent_mean == pytest.approx(stats["mean"].flatten().tolist())
     assert ldit.cfg.vae.latent_std == pytest.approx(stats["std"].flatten().tolist())
+    tit = uc.load(FIXTURES / "tit.pt", latent_stats=str(STATS))  # UCGM's own TiT: trained with Linear
+    assert (tit.family, tit.transport.name, tit.guidance_channels) == ("ucgm-release", "Linear", None)
+    assert tit.cfg.arch_kwargs["norm_weights"] is False and tit.cfg.arch_kwargs["use_qknorm"] is True
+    edm = uc.load(FIXTURES / "edm2.pt", latent_stats=str(EDM2_STATS))  # latent_norm true, multiplier 1.0
+    stats = torch.load(EDM2_STATS, weights_only=True)
+    assert (edm.family, edm.cfg.arch, edm.transport.name, edm.latent_shape) == ("edm2", "edm2-unet", "EDM", (4, 8, 8))
+    assert (edm.cfg.vae.source, edm.cfg.vae.pixel_range) == ("stabilityai/sd-vae-ft-mse", "0,1")
+    assert edm.cfg.vae.latent_std == pytest.approx(stats["std"].flatten().tolist())
+    assert (edm.cfg.sampling.steps, edm.cfg.sampling.extrapolation) == (40, 0.4)
     ddt = uc.load(FIXTURES / "ddt.pt")
     assert (ddt.family, ddt.transport.name, ddt.cfg.sampling.gaps) == ("ddt", "ReLinear", (0.001, 0.5))
     assert (ddt.cfg.arch_kwargs["depth"], ddt.cfg.arch_kwargs["encoder_depth"]) == (2, 1)
@@ -119,7 +131,9 @@ BAD = [
     ("sit", _set("data", "image_size", 128), "config.data.image_size / vae.downsample_ratio is 16"),
     ("sit", _set("model", "type", "SiT-S/1"), "patch size is 1 but the 'ema' weights have 2"),
     ("lightningdit", _set("model", "type", "LightningDiT-XL/1"), "heads is 16 but the 'ema' weights have 6"),
-    ("sit", _set("model", "type", "TiT-XL/1"), "the reference's TiT network is not supported"),
+    ("sit", _set("model", "type", "UNet+"), "the reference's UNet+ network is not supported"),
+    ("edm2", _set("model", "in_chans", 3), "config.model.in_chans is 3 but the 'ema' weights have 4"),
+    ("tit", _set("model", "type", "TiT-XL/1"), "heads is 16 but the 'ema' weights have 6"),
     ("sit", _set("model", "type", "SiT-Huge/2"), "expected SiT-SIZE/PATCH"),
     ("sit", _set("model", "type", "Mamba-XL/2"), "unknown network 'Mamba-XL/2'"),
     ("sit", _set("transport", "type", "Curvy"), "config: transport.type"),

@@ -152,3 +152,15 @@ def test_sampling_an_analytic_gaussian_gives_its_distribution():
     assert err < 0.01, err
     assert err_coarse / err > 3, (err_coarse, err)
     assert abs(out.mean().item() - mu) < 0.02 and abs(out.std().item() - s) < 0.01
+
+
+def test_ucgm_t_plain_loss_of_the_exact_eps_is_zero():
+    """UCGM-T on DiscreteVP: the flow-matching branch's target is eps itself, so the exact eps has loss 0."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 2, 2, 2, generator=gen, dtype=torch.float64)
+    z = torch.randn(6, 2, 2, 2, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0.001, 0.1, 0.3, 0.5, 0.8, 0.999], dtype=torch.float64)
+    obj = uc.UCGMObjective(transport="DiscreteVP", label_drop=0.0, num_classes=1)
+    y = torch.zeros(6, dtype=torch.long)
+    assert obj(lambda x_t, tt, labels: z, x, y, t=t, z=z).item() == pytest.approx(0.0, abs=1e-12)
+    assert obj(lambda x_t, tt, labels: x_t, x, y, t=t, z=z).item() > 0.1  # x_t is not eps

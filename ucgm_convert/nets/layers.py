@@ -7,16 +7,17 @@ from torch import Tensor, nn
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 (LightningDiT and DDT keep the weight key)."""
+    """x / rms(x) * weight, computed in float32 (LightningDiT and DDT keep the weight key; UCGM's TiT has
+    no weight: affine=False)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: Tensor) -> Tensor:
-        out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return out.type_as(x) * self.weight
+        out = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return out if self.weight is None else out * self.weight
 
 
 def rope_2d_axial(head_dim: int, grid: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:

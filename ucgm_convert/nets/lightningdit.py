@@ -17,9 +17,10 @@ from .blocks import FinalLayer, LabelEmbedder, TimestepEmbedder, modulate, sinco
 from .layers import RMSNorm, rope_2d_axial, rotate_pairs
 
 
-def _norm(dim: int, rmsnorm: bool) -> nn.Module:
-    """RMSNorm with a learnt weight, or LayerNorm without affine parameters (eps 1e-6 both)."""
-    return RMSNorm(dim) if rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+def _norm(dim: int, rmsnorm: bool, norm_weights: bool = True) -> nn.Module:
+    """RMSNorm (with a learnt weight unless norm_weights is False), or LayerNorm without affine parameters
+    (eps 1e-6 both)."""
+    return RMSNorm(dim, affine=norm_weights) if rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
 class AxialRoPE(nn.Module):
@@ -51,7 +52,7 @@ class SwiGLU(nn.Module):
 class RoPEAttention(nn.Module):
     """Multi-head self-attention (SDPA); optional q/k norm per head, then RoPE on q and k."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, rmsnorm: bool) -> None:
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, rmsnorm: bool, norm_weights: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
@@ -59,7 +60,7 @@ class RoPEAttention(nn.Module):
         head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         # Upstream: RMSNorm(head_dim) with use_rmsnorm, else an affine nn.LayerNorm (eps 1e-5).
-        make_norm = (lambda: RMSNorm(head_dim)) if rmsnorm else (lambda: nn.LayerNorm(head_dim))
+        make_norm = (lambda: RMSNorm(head_dim, affine=norm_weights)) if rmsnorm else (lambda: nn.LayerNorm(head_dim))
         self.q_norm = make_norm() if qk_norm else nn.Identity()
         self.k_norm = make_norm() if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
@@ -78,11 +79,11 @@ class LightningDiTBlock(nn.Module):
     """adaLN-Zero block: x += g1 attn(mod(norm1 x)); x += g2 mlp(mod(norm2 x)); no shifts if wo_shift."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_hidden: int, qk_norm: bool, swiglu: bool,
-                 rmsnorm: bool, wo_shift: bool) -> None:
+                 rmsnorm: bool, wo_shift: bool, norm_weights: bool = True) -> None:
         super().__init__()
-        self.norm1 = _norm(hidden_size, rmsnorm)
-        self.attn = RoPEAttention(hidden_size, num_heads, qk_norm, rmsnorm)
-        self.norm2 = _norm(hidden_size, rmsnorm)
+        self.norm1 = _norm(hidden_size, rmsnorm, norm_weights)
+        self.attn = RoPEAttention(hidden_size, num_heads, qk_norm, rmsnorm, norm_weights)
+        self.norm2 = _norm(hidden_size, rmsnorm, norm_weights)
         self.mlp = (SwiGLU(hidden_size, mlp_hidden) if swiglu else
                     Mlp(hidden_size, mlp_hidden, act_layer=lambda: nn.GELU(approximate="tanh")))
         self.wo_shift = wo_shift
@@ -106,6 +107,8 @@ class LightningDiT(nn.Module):
 
     `mlp_hidden` is the MLP width itself (SwiGLU: int(2/3 * 4 D) upstream), so any checkpoint's
     shapes rebuild exactly. With learn_sigma the net has 2C outputs and returns the first C.
+    `norm_weights=False` makes every RMSNorm parameter-free: UCGM's TiT (networks/tit.py) is this network
+    with use_qknorm and weightless RMSNorms.
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class LightningDiT(nn.Module):
         use_rmsnorm: bool = True,
         wo_shift: bool = False,
         learn_sigma: bool = False,
+        norm_weights: bool = True,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -136,12 +140,13 @@ class LightningDiT(nn.Module):
         self.pos_embed = nn.Parameter(sincos_2d(hidden_size, grid).unsqueeze(0), requires_grad=False)
         self.feat_rope = AxialRoPE(hidden_size // num_heads, grid) if use_rope else None
         self.blocks = nn.ModuleList(
-            LightningDiTBlock(hidden_size, num_heads, mlp_hidden, use_qknorm, use_swiglu, use_rmsnorm, wo_shift)
+            LightningDiTBlock(hidden_size, num_heads, mlp_hidden, use_qknorm, use_swiglu, use_rmsnorm, wo_shift,
+                              norm_weights)
             for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         if use_rmsnorm:  # upstream's final norm is an RMSNorm (key final_layer.norm_final.weight)
-            self.final_layer.norm_final = RMSNorm(hidden_size)
+            self.final_layer.norm_final = RMSNorm(hidden_size, affine=norm_weights)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         height, width = x.shape[-2:]
