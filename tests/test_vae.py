@@ -1,5 +1,6 @@
 """VAE subsystem: latent-diffusion layout fidelity, key maps, de-normalisation, sources and errors.
 
+Made by scripts/fixtures/make_vae.py (run it with --upstream PATH; see scripts/fixtures/README.md).
 Fixtures (tests/fixtures/vae/) were produced OUTSIDE this repository with the upstream
 latent-diffusion autoencoder as copied in REPA-E: github.com/End2End-Diffusion/REPA-E, commit
 3ad80468e78ec4fc93e6e70aa08e7b3b8303a171, models/autoencoder.py (`AutoencoderKL`, `Encoder`,
