@@ -1,5 +1,6 @@
 """DDT adapter: a tiny upstream DDT in its Lightning checkpoint layout loads and matches upstream.
 
+Made by scripts/fixtures/make_ddt.py (run it with --upstream PATH; see scripts/fixtures/README.md).
 Fixtures (tests/fixtures/ddt/) were produced OUTSIDE this repository with the upstream code,
 MCG-NJU/DDT at commit 1d1b4d291325939dd98f6b91687af95c98c34d5c, class
 `src.models.denoiser.decoupled_improved_dit.DDT(in_channels=4, num_groups=2, hidden_size=48,

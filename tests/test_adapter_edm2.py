@@ -1,5 +1,6 @@
 """EDM2 adapter: tiny snapshots in NVIDIA's release format load safely and match upstream.
 
+Made by scripts/fixtures/make_edm2.py (run it with --upstream PATH; see scripts/fixtures/README.md).
 Fixtures (tests/fixtures/edm2/) were produced OUTSIDE this repository with the upstream code,
 NVlabs/edm2 at commit 4bf8162f601bcc09472ce8a32dd0cbe8889dc8fc (torch 2.14.1, numpy 2.4.6,
 Python 3.11, CPU; `psutil`, imported but unused by training/training_loop.py, stubbed):

@@ -1,5 +1,6 @@
 """LightningDiT adapter: outputs equal upstream's on tiny random models in upstream's file layout.
 
+Made by scripts/fixtures/make_lightningdit.py (run it with --upstream PATH; see scripts/fixtures/README.md).
 How the fixtures in tests/fixtures/lightningdit/ were produced (outside this repository):
 upstream hustvl/LightningDiT at commit 2725fed42a14898744433809949834e26957bcdd, its own
 `models.lightningdit.LightningDiT` (with TORCHDYNAMO_DISABLE=1 so the @torch.compile decorators

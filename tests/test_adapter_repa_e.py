@@ -1,33 +1,16 @@
 """REPA-E adapter: outputs equal upstream's on tiny random SiTs saved in upstream's own containers.
 
-How the fixtures in tests/fixtures/repa_e/ were produced (outside this repository): upstream
-End2End-Diffusion/REPA-E at commit 3ad80468e78ec4fc93e6e70aa08e7b3b8303a171 (models/sit.py `SiT`,
-models/autoencoder.py `AutoencoderKL` / `Encoder` / `Decoder`, samplers.py `euler_sampler`,
-utils.py `denormalize_latents`), run on CPU in float32 with torch 2.14 and timm 1.0.11 (the version
-upstream's environment.yml pins; newer timm's Attention has no default q/k norm layer), its
-`dictdot` import replaced by a 3-line dict subclass. Two tiny sizes were added to upstream's
-`SiT_models` so the models were built exactly as train_repae.py / generate.py build them
-(`SiT_models[args.model](input_size, in_channels, num_classes, class_dropout_prob=0.1, z_dims=[8],
-encoder_depth=1, projector_dim=16, qk_norm, fused_attn=True, ...)`):
-  e2e.pt  "SiT-T/2": depth 2, hidden 32, 2 heads, patch 2, 4 channels, 8x8 latents, 10 classes,
-          train_repae.py's container {model, ema, vae, discriminator, opt, opt_vae, opt_disc, args
-          (argparse.Namespace, vae "f8d4"), steps}. The EMA's bn buffers were set to their own
-          statistics; `vae` is a tiny upstream AutoencoderKL (ch 4, ch_mult (1, 2), 1 res block, no
-          attention, z 4, 4 GroupNorm groups via `Normalize.__defaults__ = (4,)`), weights ~ N(0, 0.3^2).
-  ldm.pt  "SiT-T/1": depth 1, hidden 64, 1 head, patch 1, 8 channels, 4x4 latents, mlp_ratio 2,
-          qk_norm True, 10 classes, train_ldm_only.py's container {model, ema, opt, args (vae
-          "f16d32", vae_ckpt ".../tiny-e2e-vae.pt"), steps}, with tiny-e2e-vae-latents-stats.pt
-          {latents_scale, latents_bias} (1, 8, 1, 1) beside it.
-Weights: every parameter but pos_embed ~ randn / sqrt(fan_in) (vectors 0.1 randn, +1 for norms),
-seeds 1 / 11 for `model`, 4 / 12 for `ema`; `model` keeps the EMA's tensors except
-final_layer.linear.* and y_embedder.* (so sampling from `model` is detected; file stays small).
-Expected outputs (<name>_expected.pt), from a fresh upstream SiT after load_state_dict(ckpt["ema"])
-and .eval(), as generate.py does: out = model.inference(x, t, y) with x = randn(3, C, H, W)
-(Generator seed 100 / 200), t = [0.05, 0.5, 0.95], y = [1, 7, 10] (10 = null class); path_in /
-path_target = SiT.interpolant(t, "linear") applied to (x, noise); euler = euler_sampler(model, noise,
-y=[2, 3, 4], num_steps=2, cfg_scale=1) (its CFG hard-codes null class 1000, so it is not run);
-e2e only: decoded = vae.decode(denormalize_latents(lat, rsqrt(ema bn.running_var),
-ema bn.running_mean)).sample for lat = randn(2, 4, 8, 8) (seed 6).
+The fixtures in tests/fixtures/repa_e/ are made by scripts/fixtures/make_repa_e.py with the upstream
+code (End2End-Diffusion/REPA-E at commit 3ad80468e78ec4fc93e6e70aa08e7b3b8303a171; models/sit.py `SiT`,
+models/autoencoder.py, samplers.py `euler_sampler`, utils.py `denormalize_latents`); its docstring is
+the exact procedure. In short: e2e.pt is train_repae.py's container for "SiT-T/2" (depth 2, hidden 32,
+2 heads, patch 2, 4 channels, 8x8 latents, 10 classes) with a tiny upstream VAE whose latent statistics
+are the EMA's bn buffers (`model`'s are shifted, so decoding with them is detected); ldm.pt is
+train_ldm_only.py's container for "SiT-T/1" (depth 1, hidden 64, 1 head, patch 1, 8 channels, 4x4
+latents, mlp_ratio 2, qk_norm) with tiny-e2e-vae-latents-stats.pt beside it. `model` keeps the EMA's
+tensors except final_layer.linear.* and y_embedder.* (so sampling from `model` is detected).
+<name>_expected.pt holds upstream's `inference`, linear interpolant, 2-step `euler_sampler` and (e2e)
+VAE decode of de-normalised latents, as generate.py runs them.
 """
 
 from __future__ import annotations

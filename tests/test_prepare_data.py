@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import ucgm_convert.jobs.prepare.encode as pe
 import ucgm_convert.jobs.prepare.job as pd
 from ucgm_convert.cli import app
 from ucgm_convert.errors import UCGMError
@@ -122,7 +123,7 @@ def test_center_crop_by_hand(tree: Path) -> None:
 def test_identity_tree(tree: Path, tmp_path: Path) -> None:
     """Pixel-space ("identity") latents: order, labels, flips, skipped files, meta.json, LatentFolder."""
     out = tmp_path / "out"
-    result = prepare_data(tree, out, vae="identity", resolution=8, flip=True, shard_size=4, batch_size=3)
+    result = prepare_data(tree, out, vae="identity", resolution=8, mirror=True, shard_size=4, batch_size=3)
     files, pixels, labels = expected_pixels(tree, 8)
     latents, got_labels = all_rows(out)
     assert len(files) == 15 and latents.shape == (30, 3, 8, 8) and latents.dtype == torch.float32
@@ -135,7 +136,8 @@ def test_identity_tree(tree: Path, tmp_path: Path) -> None:
     assert meta["shards"] == [f"shard-0000{i}.safetensors" for i in range(4)]
     assert meta["shard_samples"] == [8, 6, 8, 8]
     assert (meta["num_samples"], meta["latent_shape"], meta["num_classes"]) == (30, [3, 8, 8], 3)
-    assert meta["class_names"] == CLASSES and meta["resolution"] == 8 and meta["flip"] is True
+    assert meta["class_names"] == CLASSES and meta["resolution"] == 8 and meta["mirror"] is True
+    assert meta["flip"] is None and meta["num_flipped"] == 0
     assert meta["vae"]["name"] == "identity" and (meta["latent_mean"], meta["latent_std"]) == (0.0, 1.0)
     raw = latents.double()
     np.testing.assert_allclose(meta["measured_mean"], raw.mean(dim=(0, 2, 3)).numpy(), rtol=1e-9, atol=1e-12)
@@ -159,7 +161,7 @@ def test_tiny_vae_folder(tree: Path, tiny_vae: Path, tmp_path: Path) -> None:
     from diffusers import AutoencoderKL
 
     out = tmp_path / "out"
-    prepare_data(tree, out, vae=str(tiny_vae), resolution=16, flip=True, shard_size=6)
+    prepare_data(tree, out, vae=str(tiny_vae), resolution=16, mirror=True, sample_posterior=False, shard_size=6)
     meta = json.loads((out / "meta.json").read_text())
     std = 1 / 0.18215  # the config's scaling_factor (diffusers' default)
     assert meta["vae"]["name"] == "sd-vae" and meta["vae"]["pixel_range"] == "-1,1"
@@ -181,7 +183,7 @@ def test_tiny_vae_folder(tree: Path, tiny_vae: Path, tmp_path: Path) -> None:
 
     # --sample-posterior: a seeded draw, not the mean
     drawn = tmp_path / "drawn"
-    prepare_data(tree, drawn, vae=str(tiny_vae), resolution=16, sample_posterior=True, seed=3, shard_size=6)
+    prepare_data(tree, drawn, vae=str(tiny_vae), resolution=16, flip=0.0, sample_posterior=True, seed=3, shard_size=6)
     sampled, _ = all_rows(drawn)
     assert sampled.shape == (15, 4, 8, 8) and not torch.allclose(sampled, raw / std, atol=1e-3)
 
@@ -189,7 +191,7 @@ def test_tiny_vae_folder(tree: Path, tiny_vae: Path, tmp_path: Path) -> None:
 def test_resume_is_byte_identical(tree: Path, tiny_vae: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An interrupted run, a deleted shard, a leftover temp file and a truncated shard: reruns finish
     the job and give the same bytes as one uninterrupted run."""
-    kwargs = dict(vae=str(tiny_vae), resolution=16, flip=True, sample_posterior=True, shard_size=4, batch_size=3)
+    kwargs = dict(vae=str(tiny_vae), resolution=16, mirror=True, sample_posterior=True, shard_size=4, batch_size=3)
     ref = tmp_path / "ref"
     prepare_data(tree, ref, **kwargs)
     expected = folder_bytes(ref)
@@ -225,13 +227,13 @@ def test_resume_is_byte_identical(tree: Path, tiny_vae: Path, tmp_path: Path, mo
 
     # shards made with other settings are never mixed in
     with pytest.raises(UCGMError, match="other images or settings.*--overwrite"):
-        prepare_data(tree, out, **{**kwargs, "flip": False})
+        prepare_data(tree, out, **{**kwargs, "mirror": False})
     monkeypatch.setattr(pd, "encode_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):  # an interrupted re-encode leaves no meta.json over mixed shards
-        prepare_data(tree, out, **{**kwargs, "flip": False}, overwrite=True)
+        prepare_data(tree, out, **{**kwargs, "mirror": False}, overwrite=True)
     monkeypatch.setattr(pd, "encode_shard", real)
     assert not (out / "meta.json").exists()
-    result = prepare_data(tree, out, **{**kwargs, "flip": False}, overwrite=True)
+    result = prepare_data(tree, out, **{**kwargs, "mirror": False}, overwrite=True)
     assert result.encoded_shards == [2, 3] and json.loads((out / "meta.json").read_text())["num_samples"] == 15
 
 
@@ -239,13 +241,13 @@ def test_resume_is_byte_identical(tree: Path, tiny_vae: Path, tmp_path: Path, mo
 def test_two_processes_match_one(tree: Path, tiny_vae: Path, tmp_path: Path) -> None:
     """torchrun with 2 gloo processes (unfinished shards round-robin, rank 0 writes meta.json), resuming a
     folder with one finished shard, gives the same bytes as 1 process."""
-    args = [str(tree), "--vae", str(tiny_vae), "--resolution", "16", "--flip", "--sample-posterior",
+    args = [str(tree), "--vae", str(tiny_vae), "--resolution", "16", "--mirror", "--sample-posterior",
             "--shard-size", "3", "--batch-size", "2", "--workers", "1"]
     one = tmp_path / "one"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # CPU kernels' round-off depends on the thread count: the same as the workers'
     try:
-        prepare_data(tree, one, vae=str(tiny_vae), resolution=16, flip=True, sample_posterior=True, shard_size=3,
+        prepare_data(tree, one, vae=str(tiny_vae), resolution=16, mirror=True, sample_posterior=True, shard_size=3,
                      batch_size=2, workers=1)
     finally:
         torch.set_num_threads(threads)
@@ -295,7 +297,8 @@ def test_from_recipe_and_checkpoint(tree: Path, tiny_vae: Path, tiny_checkpoint:
     meta = json.loads((tmp_path / "demo" / "meta.json").read_text())
     assert meta["resolution"] == 16 and meta["latent_shape"] == [3, 16, 16] and meta["vae"]["name"] == "identity"
 
-    prepare_data(tree, tmp_path / "edm2", recipe="edm2-s", vae=str(tiny_vae), resolution=16, shard_size=8)
+    prepare_data(tree, tmp_path / "edm2", recipe="edm2-s", vae=str(tiny_vae), resolution=16, shard_size=8, flip=0.0,
+                 sample_posterior=False)
     meta = json.loads((tmp_path / "edm2" / "meta.json").read_text())
     spec = meta["vae"]
     assert spec["name"] == "sd-vae" and spec["pixel_range"] == "0,1" and len(spec["latent_std"]) == 4
@@ -354,3 +357,84 @@ def test_bad_inputs_are_one_line_errors(tree: Path, tmp_path: Path) -> None:
         assert result.exit_code == 2, (args, result.output)
         assert "error:" in result.output and message in result.output, (args, result.output)
         assert "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------------------------
+# Reference parity: 50% random flips and posterior draws by default, per image from the seed
+# --------------------------------------------------------------------------------------------
+
+
+def listing_index(tree: Path, files: list[str]) -> list[int]:
+    """Each readable file's index in the listing (the broken one keeps its place)."""
+    listed = list_images(tree, None).files
+    return [listed.index(f) for f in files]
+
+
+def test_defaults_flip_half_and_draw_from_the_posterior(tree: Path, tmp_path: Path) -> None:
+    """Like the reference (data.py + utilities/dataset.py: a 50% horizontal flip, the VAE posterior sampled):
+    each image is stored once, mirrored exactly when its seeded coin says so, and meta.json says how."""
+    config = prepare.PrepareConfig(images=tree, out=tmp_path / "o")
+    assert (config.flip, config.sample_posterior, config.mirror) == (0.5, True, False)
+    out = tmp_path / "out"
+    prepare_data(tree, out, vae="identity", resolution=8, shard_size=4, batch_size=3)
+    files, pixels, labels = expected_pixels(tree, 8)
+    coins = [pe.flipped(0, i, 0.5) for i in listing_index(tree, files)]
+    latents, got_labels = all_rows(out)
+    assert latents.shape == (15, 3, 8, 8) and torch.equal(got_labels, labels)
+    want = torch.stack([p.flip(-1) if c else p for p, c in zip(pixels, coins)])
+    torch.testing.assert_close(latents, want, atol=0, rtol=0)
+    assert 3 <= sum(coins) <= 12 and not all(c == coins[0] for c in coins)
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["flip"], meta["mirror"], meta["sample_posterior"], meta["seed"]) == (0.5, False, True, 0)
+    assert meta["num_flipped"] == sum(coins)
+
+    other = tmp_path / "seed7"
+    prepare_data(tree, other, vae="identity", resolution=8, seed=7)
+    assert [pe.flipped(7, i, 0.5) for i in listing_index(tree, files)] != coins
+    none = tmp_path / "none"
+    prepare_data(tree, none, vae="identity", resolution=8, flip=0.0)
+    torch.testing.assert_close(all_rows(none)[0], pixels, atol=0, rtol=0)
+    assert json.loads((none / "meta.json").read_text())["num_flipped"] == 0
+
+
+def test_posterior_draw_is_per_image_and_independent_of_batching(tree: Path, tiny_vae: Path, tmp_path: Path) -> None:
+    """Default rows are z = mean + std * noise(seed, image), the reference's posterior sample, with the noise
+    fixed per image: batch size and shard size do not change any row."""
+    from diffusers import AutoencoderKL
+
+    one = tmp_path / "one"
+    prepare_data(tree, one, vae=str(tiny_vae), resolution=16, shard_size=4, batch_size=1)
+    files, pixels, _ = expected_pixels(tree, 16)
+    index = listing_index(tree, files)
+    coins = [pe.flipped(0, i, 0.5) for i in index]
+    vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
+    x = torch.stack([p.flip(-1) if c else p for p, c in zip(pixels, coins)])
+    noise = torch.stack([pe.posterior_noise(0, i, c, (4, 8, 8)) for i, c in zip(index, coins)])
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+    std = 1 / 0.18215
+    got = all_rows(one)[0]
+    torch.testing.assert_close(got, (dist.mean + dist.std * noise) / std, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, dist.mean / std, atol=1e-3)  # a draw, not the mean
+
+    many = tmp_path / "many"
+    prepare_data(tree, many, vae=str(tiny_vae), resolution=16, shard_size=16, batch_size=7)
+    torch.testing.assert_close(all_rows(many)[0], got, atol=1e-6, rtol=0)
+    mean_only = tmp_path / "mean"
+    prepare_data(tree, mean_only, vae=str(tiny_vae), resolution=16, flip=0.0, sample_posterior=False)
+    meta = json.loads((mean_only / "meta.json").read_text())
+    assert (meta["flip"], meta["sample_posterior"], meta["seed"]) == (0.0, False, None)
+
+
+def test_cli_prints_the_settings_and_refuses_a_boolean_flip(tree: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    base = ["prepare-data", str(tree), "--vae", "identity", "--resolution", "8"]
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert "settings: each image mirrored with probability 0.5 (--flip); a VAE posterior draw per row " \
+           "(--sample-posterior); seed 0" in " ".join(result.stderr.split())
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "b"), "--flip", "0", "--no-sample-posterior"])
+    assert result.exit_code == 0, result.output
+    assert "no flips (--flip 0); the VAE posterior mean (--no-sample-posterior)" in " ".join(result.stderr.split())
+    with pytest.raises(UCGMError, match=r"^flip: expected a number .*--mirror stores both orientations"):
+        prepare.PrepareConfig(images=tree, out=tmp_path / "c", flip=True)

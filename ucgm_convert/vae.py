@@ -90,12 +90,14 @@ def encode(
     images: Tensor,
     spec: Spec,
     vae_module: nn.Module | None = None,
-    sample: bool = False,
-    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """Images in the VAE's pixel_range [B, 3, H, W] -> float32 model-space latents m = (z - mean) / std.
 
-    z is the KL posterior's mean, or a draw from it with `sample=True`; DC-AE is deterministic.
+    z is the KL posterior's mean, or with `noise` (standard normal, the latent's shape) the draw
+    z = mean + std * noise, which is what diffusers' `latent_dist.sample()` computes from its own noise;
+    the caller seeds it (per image, so results do not depend on batching). DC-AE and pixel space have no
+    posterior: `noise` is not used there.
     """
     spec = as_spec(spec)
     if spec.name == "identity":
@@ -106,7 +108,8 @@ def encode(
         with torch.no_grad():
             out = module.encode(images.to(weight.device, weight.dtype))
         if hasattr(out, "latent_dist"):
-            z = out.latent_dist.sample(generator) if sample else out.latent_dist.mean
+            dist = out.latent_dist
+            z = dist.mean if noise is None else dist.mean + dist.std * noise.to(dist.mean.device, dist.mean.dtype)
         else:
             z = out.latent
         z = z.float()

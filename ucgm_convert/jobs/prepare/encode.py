@@ -2,7 +2,10 @@
 
 Shard s holds the images ``files[s*shard_size : (s+1)*shard_size]`` that could be read, as
 ``latents`` [n, C, H, W] float32 (model space, m = (z - latent_mean) / latent_std) and ``labels``
-[n] int64; with ``flip`` row 2i is image i and row 2i+1 its mirror. The safetensors metadata key
+[n] int64: one row per image, stored mirrored with probability ``flip`` (a coin per image), or with
+``mirror`` two rows, image i then its mirror. With ``sample_posterior`` a row is a posterior draw.
+Coins and posterior noise come from ``seed`` and the image's index in the listing alone, so neither
+the batch size nor the number of processes changes a row. The safetensors metadata key
 ``ucgm`` (JSON) holds the shard's settings fingerprint, its unreadable files and the float64
 per-channel sums of the raw latents, so finished shards are recognised and statistics combine.
 """
@@ -98,6 +101,25 @@ class Pipeline:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+FLIP_TAG, NOISE_TAG = 0xF11B, 0x5EED  # separate per-image streams for the flip coin and the posterior noise
+
+
+def flipped(seed: int, image: int, probability: float) -> bool:
+    """Whether image number `image` of the listing is stored mirrored: a coin of `probability` from `seed`."""
+    return probability > 0 and float(np.random.default_rng([seed, image, FLIP_TAG]).random()) < probability
+
+
+def posterior_noise(seed: int, image: int, mirrored: bool, shape: tuple[int, ...]) -> Tensor:
+    """Standard-normal noise of one row's posterior draw z = mean + std * noise (CPU float32, per image)."""
+    state = int(np.random.SeedSequence([seed, image, NOISE_TAG, int(mirrored)]).generate_state(1)[0])
+    return torch.randn(shape, generator=torch.Generator().manual_seed(state))
+
+
+def _rows(image: int, settings: Mapping[str, Any]) -> list[bool]:
+    """The orientations stored for one image: [as is, mirrored] with mirror, else one (a coin)."""
+    return [False, True] if settings["mirror"] else [flipped(settings["seed"], image, settings["flip"])]
+
+
 def encode_shard(
     index: int, files: Sequence[str], labels: Sequence[int], pipeline: Pipeline, resolved: ResolvedVae,
     settings: Mapping[str, Any], latent_shape: tuple[int, int, int], batch_size: int, device: torch.device,
@@ -105,37 +127,39 @@ def encode_shard(
 ) -> bytes:
     """The bytes of shard `index` (safetensors with the `ucgm` metadata)."""
     spec = resolved.spec
-    generator = None
-    if settings["sample_posterior"]:
-        seed = int(np.random.SeedSequence([settings["seed"], index, 0x5EED]).generate_state(1)[0])
-        generator = torch.Generator(device=device).manual_seed(seed)
+    first = index * settings["shard_size"]  # listing index of the shard's first image
     chunks: list[Tensor] = []
     kept_labels: list[int] = []
     skipped: list[list[str]] = []
-    batch: list[np.ndarray] = []
-    batch_labels: list[int] = []
+    batch: list[tuple[np.ndarray, int, int]] = []  # (pixels, listing index, label)
+    num_flipped = 0
 
     def flush() -> None:
+        nonlocal num_flipped
         if not batch:
             return
-        x = to_pixel_range(np.stack(batch), spec.pixel_range)
-        if settings["flip"]:
-            x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)  # image, mirror, image, mirror, ...
-        m = encode(x.to(device), spec, resolved.module, sample=settings["sample_posterior"], generator=generator)
+        x = to_pixel_range(np.stack([b[0] for b in batch]), spec.pixel_range)
+        rows, keys = [], []
+        for pixels, (_, image, y) in zip(x, batch):
+            for mirrored in _rows(image, settings):
+                rows.append(pixels.flip(-1) if mirrored else pixels)
+                keys.append((image, mirrored))
+                kept_labels.append(y)
+                num_flipped += int(mirrored and not settings["mirror"])
+        noise = None
+        if settings["sample_posterior"]:
+            noise = torch.stack([posterior_noise(settings["seed"], i, m, latent_shape) for i, m in keys])
+        m = encode(torch.stack(rows).to(device), spec, resolved.module, noise=noise)
         chunks.append(m.float().cpu())
-        for y in batch_labels:
-            kept_labels.extend([y, y] if settings["flip"] else [y])
         advance(len(batch))
         batch.clear()
-        batch_labels.clear()
 
-    for rel, y, image in zip(files, labels, pipeline):
+    for j, (rel, y, image) in enumerate(zip(files, labels, pipeline)):
         if isinstance(image, str):
             skipped.append([rel, image])
             advance(1)
             continue
-        batch.append(image)
-        batch_labels.append(y)
+        batch.append((image, first + j, y))
         if len(batch) >= batch_size:
             flush()
     flush()
@@ -150,6 +174,7 @@ def encode_shard(
         "shard": index,
         "num_images": len(files),
         "num_samples": int(latents.shape[0]),
+        "num_flipped": num_flipped,
         "skipped": skipped,
         "raw_sum": raw.sum(dim=(0, 2, 3)).tolist(),
         "raw_sumsq": raw.square().sum(dim=(0, 2, 3)).tolist(),

@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from ...console import SILENT, Reporter
 from ...errors import UCGMError
 from ...formats.latent_folder import META_NAME, shard_name
 from ...foundation import DTYPES, output_folder, path_sort_key, resolve_device, write_file_atomic
-from ...settings.base import Bool, Int, Settings, choice
+from ...settings.base import Bool, Float, Hint, Int, Settings, choice
 from ...settings.model import PIXEL_RANGES
 from ...vae import encode
 from ..source import ArchOverrides, ModelSource
@@ -55,11 +55,15 @@ class PrepareConfig(Settings):
     arch: ArchOverrides = ArchOverrides()
     labels: Path | None = Field(default=None, description="Labels file for a folder without class sub-folders: CSV "
                                 "rows 'file,label' or JSON {file: label}; file names relative to IMAGES.")
-    flip: Bool = Field(default=False, description="Also store the horizontal mirror of every image (doubles the "
-                       "samples).")
-    sample_posterior: Bool = Field(default=False, description="Store a draw from the VAE posterior (seeded per "
-                                   "shard) instead of its mean.")
-    seed: Int = Field(default=0, ge=0, le=2**63 - 1, description="Seed of the posterior draws.")
+    flip: Annotated[Float, Hint(lambda v: isinstance(v, bool), "--flip is a probability now; --mirror stores both "
+                                "orientations")] = Field(
+        default=0.5, ge=0.0, le=1.0, description="Probability that an image is stored mirrored, decided per image "
+        "from --seed: the reference's 50% random horizontal flip (0 = never).")
+    mirror: Bool = Field(default=False, description="Store every image twice, as is and mirrored (the reference's "
+                         "latents / latents_flip pair; doubles the samples); --flip is then not used.")
+    sample_posterior: Bool = Field(default=True, description="Store a draw from the VAE posterior, as the reference "
+                                   "does (noise per image from --seed); --no-sample-posterior stores its mean.")
+    seed: Int = Field(default=0, ge=0, le=2**63 - 1, description="Seed of the per-image flips and posterior draws.")
     shard_size: Int = Field(default=DEFAULT_SHARD_SIZE, ge=1, le=10_000_000, description="Source images per shard.")
     batch_size: Int = Field(default=32, ge=1, le=65_536, description="Images per VAE forward pass (does not change "
                             "the result on CPU).")
@@ -85,7 +89,7 @@ class PrepareResult:
 
     out: Path
     num_images: int  # images listed (after the extension filter)
-    num_samples: int  # rows written (x2 with flip)
+    num_samples: int  # rows written (x2 with mirror)
     num_shards: int
     encoded_shards: list[int]  # encoded by this process in this run
     reused_shards: list[int]  # finished earlier and kept (all processes)
@@ -121,6 +125,29 @@ def _latent_shape(resolved: ResolvedVae, device: torch.device) -> tuple[int, int
     return shape  # type: ignore[return-value]
 
 
+def _augmentation(config: PrepareConfig) -> dict[str, Any]:
+    """The settings that decide each row (meta.json and the shard fingerprints): flip probability (None with
+    mirror), mirror, posterior draw or mean, and the seed when something random uses it."""
+    flip = None if config.mirror else config.flip
+    random = bool(flip) or config.sample_posterior
+    return {"flip": flip, "mirror": config.mirror, "sample_posterior": config.sample_posterior,
+            "seed": config.seed if random else None}
+
+
+def _settings_text(config: PrepareConfig) -> str:
+    """The row settings in words, printed before encoding."""
+    if config.mirror:
+        flips = "every image stored as is and mirrored (--mirror)"
+    elif config.flip > 0:
+        flips = f"each image mirrored with probability {config.flip:g} (--flip)"
+    else:
+        flips = "no flips (--flip 0)"
+    draws = "a VAE posterior draw per row (--sample-posterior)" if config.sample_posterior else \
+        "the VAE posterior mean (--no-sample-posterior)"
+    random = config.sample_posterior or (config.flip > 0 and not config.mirror)
+    return f"{flips}; {draws}{f'; seed {config.seed}' if random else ''}"
+
+
 def _finished_shards(out: Path, fingerprints: list[str], overwrite: bool) -> dict[int, dict[str, Any]]:
     """The shards already in `out` with this run's fingerprint; shards of other settings are an error unless
     `overwrite` (every process checks all, so all agree on the error)."""
@@ -154,13 +181,12 @@ def _prepare(config: PrepareConfig, ctx: distributed.Context, reporter: Reporter
     files, file_labels, shard_size = listing.files, listing.labels, config.shard_size
     num_shards = math.ceil(len(files) / shard_size)
     spec_key = {k: v for k, v in spec.to_dict().items() if k != "source"}
-    base = {"format": FORMAT, "vae": spec_key, "resolution": res, "flip": config.flip,
-            "sample_posterior": config.sample_posterior, "seed": config.seed if config.sample_posterior else None,
+    base = {"format": FORMAT, "vae": spec_key, "resolution": res, **_augmentation(config),
             "shard_size": shard_size, "latent_shape": list(latent_shape)}
     fingerprints = [fingerprint({**base, "shard": s}, files[s * shard_size:(s + 1) * shard_size],
                                 file_labels[s * shard_size:(s + 1) * shard_size]) for s in range(num_shards)]
-    settings = {"flip": config.flip, "sample_posterior": config.sample_posterior, "seed": config.seed,
-                "fingerprints": fingerprints}
+    settings = {"flip": config.flip, "mirror": config.mirror, "sample_posterior": config.sample_posterior,
+                "seed": config.seed, "shard_size": shard_size, "fingerprints": fingerprints}
     finished = _finished_shards(out, fingerprints, config.overwrite)
     # Everyone has looked before anyone writes; the unfinished shards go round-robin over the ranks
     # (which rank encodes a shard does not change its bytes).
@@ -172,8 +198,9 @@ def _prepare(config: PrepareConfig, ctx: distributed.Context, reporter: Reporter
     reused = sorted(finished)
     reporter.info(f"{len(files)} images in {listing.num_classes} classes from {config.images} -> {out} "
                   f"({num_shards} shard(s) of {shard_size} images; VAE {spec.name} from {resolved.origin}, "
-                  f"{res}x{res} -> latents {list(latent_shape)}{', + flips' if config.flip else ''}"
+                  f"{res}x{res} -> latents {list(latent_shape)}"
                   f"{f'; {ctx.world_size} processes' if ctx.distributed else ''})")
+    reporter.info(f"settings: {_settings_text(config)}")
     if finished:
         reporter.info(f"resuming: {len(finished)} finished shard(s) kept, {num_shards - len(finished)} to encode")
 
@@ -239,9 +266,8 @@ def _finish(config: PrepareConfig, ctx: distributed.Context, reporter: Reporter,
         "shard_samples": [int(i["num_samples"]) for i in used],
         "class_names": listing.class_names,
         "resolution": res,
-        "flip": config.flip,
-        "sample_posterior": config.sample_posterior,
-        "seed": config.seed if config.sample_posterior else None,
+        **_augmentation(config),
+        "num_flipped": sum(int(i.get("num_flipped", 0)) for i in infos),
         "shard_size": config.shard_size,
         "num_images": len(files) - sum(len(i["skipped"]) for i in infos),
         "num_skipped": len(skipped),
