@@ -75,7 +75,8 @@ VAES = {
 # Which of our families and recipes a network on a VAE continues (so --from that recipe, tuning and cards agree).
 # The recipes are keyed by image size (EDM2: by model_channels, its size).
 SOURCES = {("LightningDiT", "vavae_f16d32"): ("lightningdit", {256: "lightningdit"}),
-           ("SiT", "e2evavae_f16d32"): ("repa-e", {256: "repa-e"}), ("DDT", "sdvae_ema_f8c4"): ("ddt", DDT_RECIPES),
+           ("SiT", "e2evavae_f16d32"): ("repa-e", {256: "repa-e"}),
+           ("SiT", "sdvae_ema_f8c4"): ("repa", {256: "repa"}), ("DDT", "sdvae_ema_f8c4"): ("ddt", DDT_RECIPES),
            ("EDM2", "edm2_sdvae_f8c4"): ("edm2", edm2.RECIPES)}
 GUIDED_CHANNELS = {"LightningDiT": 3}  # its forward_with_cfg guides model_out[:, :3]; the others every channel
 
