@@ -1,8 +1,9 @@
 """Which model a job runs on, and its base settings: the recipe / checkpoint precedence, once.
 
 Precedence (the same for sample, eval, search and tune): the recipe named by `--from`, else what
-the checkpoint stores (config.json `sampling`, or the recipe.yaml beside it), else the recipe its
-family declares for it (`m.recipe`), else, with no checkpoint at all, the embedded demo.
+the checkpoint stores (config.json `sampling`, a UCGM training checkpoint's config, or the
+recipe.yaml beside it), else the recipe its family declares for it (`m.recipe`), else, with no
+checkpoint at all, the embedded demo.
 Explicit flags override the result field by field.
 """
 
@@ -110,7 +111,7 @@ def resolve(source: ModelSource, arch: ArchOverrides, device: torch.device | str
         return Resolved(model, checkpoint, recipe, recipe.sampling, f"recipe {recipe.name}")
     stored = _stored_recipe(resolve_source(checkpoint), model)
     if model.cfg.sampling is not None:
-        return Resolved(model, checkpoint, stored, model.cfg.sampling, f"{checkpoint} config.json")
+        return Resolved(model, checkpoint, stored, model.cfg.sampling, f"{checkpoint} (its stored sampling settings)")
     if stored is not None:
         return Resolved(model, checkpoint, stored, stored.sampling, f"recipe {stored.name} (the checkpoint's)")
     return Resolved(model, checkpoint, None, None, "flags only")
