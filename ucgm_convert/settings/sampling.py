@@ -89,8 +89,11 @@ class SamplingSettings(Settings):
 
     @property
     def nfe_label(self) -> str:
-        """NFE as the paper writes it: "40x2" with CFG (batched cond+uncond), else "40"."""
-        return f"{self.sampler_nfe}x2" if self.uses_guidance else str(self.sampler_nfe)
+        """NFE as the paper writes it: "40x2" with CFG (batched cond+uncond), else "40"; with a shared
+        encoder its evaluations follow: "40x2 (encoder 20x2)"."""
+        times = "x2" if self.uses_guidance else ""
+        shared = f" (encoder {self.encoder_evals}{times})" if self.encoder_refresh != 1 else ""
+        return f"{self.sampler_nfe}{times}{shared}"
 
     @property
     def encoder_evals(self) -> int:
