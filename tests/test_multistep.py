@@ -12,6 +12,7 @@ import ucgm_convert as uc
 from ucgm_convert.analytic import GaussianMixture
 from ucgm_convert.baselines import run_baseline
 from ucgm_convert.errors import UCGMError
+from ucgm_convert.hub import card
 from ucgm_convert.settings import SamplingSettings
 
 
@@ -130,3 +131,11 @@ def test_solver_is_a_setting() -> None:
         SamplingSettings(steps=6, order=2, solver="multistep")
     with pytest.raises(UCGMError, match="solver: expected one of 'ucgm', 'multistep', 'multistep-pc'"):
         SamplingSettings(steps=6, solver="heun")
+
+
+def test_model_card_snippet_carries_a_non_default_solver() -> None:
+    default = "\n".join(card._python_sampling({"steps": 4, "solver": "ucgm", "encoder_refresh": 1}))
+    assert "solver" not in default and "encoder_refresh" not in default
+    chosen = "\n".join(card._python_sampling({"steps": 4, "solver": "multistep-pc", "encoder_refresh": 2}))
+    assert "steps=4, solver='multistep-pc', encoder_refresh=2" in chosen
+    assert card._settings_text({"steps": 4, "solver": "multistep"}) == "steps=4, solver=multistep"
