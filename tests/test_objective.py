@@ -780,6 +780,7 @@ def test_sample_t_scale_clamps_at_one():
         (dict(huber_eps=-1.0), "huber_eps"),
         (dict(fd_eps=0.0), "fd_eps"),
         (dict(enhanced_style="fc-vs-zz"), "enhanced_style"),
+        (dict(frame="noise-at-0"), "frame"),
     ],
 )
 def test_bad_constructor_arguments_raise_value_error_naming_them(kwargs, name):
@@ -904,3 +905,25 @@ def test_fc_vs_fe_with_teacher_dropout_replays_one_mask_for_both_forwards():
     obj(model, x, y, teacher=teacher, t=T8, z=z)
     assert [c["batch"] for c in teacher.calls] == [8, 8]
     assert torch.equal(masks[0], masks[1]) and 0 < masks[0].float().mean() < 1
+
+
+@pytest.mark.parametrize("style", ["fc-vs-fe", "fc-vs-xz"])
+def test_frame_noise_at_one_mirrors_relinear_and_leaves_linear_alone(style):
+    """noise-at-1: ReLinear's loss is Linear's for the network read as -net(x, 1 - s, y); Linear is unchanged."""
+    model, teacher = Net().double(), Net(seed=7).double()
+    x, y, z = make_data()
+    kw = dict(consistency=1.0, enhanced=2.0, label_drop=0.25, enhanced_style=style, huber_eps=0.1)
+    linear = objective(transport="Linear", **kw)(model, x, y, teacher=teacher, t=T8, z=z)
+    assert torch.equal(objective(transport="Linear", frame="noise-at-1", **kw)(model, x, y, teacher=teacher, t=T8,
+                                                                               z=z), linear)
+
+    def mirrored(net):
+        return lambda x_in, s, labels: -net(x_in, 1 - s, labels)
+
+    model.calls.clear()
+    relinear = objective(transport="ReLinear", frame="noise-at-1", **kw)(model, x, y, teacher=teacher, t=T8, z=z)
+    assert torch.equal(model.calls[0]["t"], 1 - T8) and model.calls[0]["grad"]  # the student, at 1 - s
+    by_hand = objective(transport="Linear", **kw)(mirrored(model), x, y, teacher=mirrored(teacher), t=T8, z=z)
+    torch.testing.assert_close(relinear, by_hand, rtol=1e-12, atol=1e-14)
+    own_frame = objective(transport="ReLinear", **kw)(model, x, y, teacher=teacher, t=T8, z=z)
+    assert abs(own_frame.item() - relinear.item()) > 1e-6

@@ -198,6 +198,7 @@ def test_few_step_sampling_and_tuning(name: str) -> None:
     style = "fc-vs-fe" if name in FC_VS_FE else "fc-vs-xz"
     assert t.objective_kwargs() == {
         "consistency": 1.0, "enhanced": enhanced, "enhanced_style": style, "enhanced_range": (0.0, 0.75),
+        "frame": "noise-at-1" if name in FC_VS_FE else "transport",
         "label_drop": label_drop,
         "huber_eps": huber, "cosine_loss": False, "weighting": "Cosine", "time_dist": (0.8, 1.0, 1.0),
     }

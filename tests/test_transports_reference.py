@@ -2,7 +2,8 @@
 
 tests/fixtures/enhanced/reference.safetensors is written by scripts/fixtures/make_enhanced.py the same way
 from the author's fork cccvs/UCGM@0b5e768 (methodes/unigen.py, whose objective has `enhanced_style`), with
-a second TinyNet (seed 12) as the target network: training_step losses and gradients for each style.
+a second TinyNet (seed 12) as the target network: training_step losses and gradients for each style. The
+fork trains ReLinear in the frame with noise at s = 1 (our frame "noise-at-1").
 
 tests/fixtures/transports/reference.safetensors is written by scripts/fixtures/make_transports.py, which
 imports LINs-lab/UCGM's methods/transports and methods/unigen.py from a checkout and runs them on CPU: the
@@ -127,11 +128,12 @@ def enhanced_ref() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("setting", STYLES)
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "ReLinear"])
+@pytest.mark.parametrize("name", NAMES)
 def test_enhanced_styles_equal_the_author_fork(enhanced_ref, name, setting):
-    """Each enhanced_style, with a teacher that differs from the student, as cccvs/UCGM's training_step."""
+    """Each enhanced_style, with a teacher that differs from the student, as cccvs/UCGM's training_step;
+    frame noise-at-1 is its time frame (ReLinear trained at s = 1 - t; a no-op for the other transports)."""
     teacher = TinyNet(enhanced_ref, "teacher").requires_grad_(False)
-    assert_matches_reference(enhanced_ref, name, setting, STYLES[setting], teacher=teacher)
+    assert_matches_reference(enhanced_ref, name, setting, {**STYLES[setting], "frame": "noise-at-1"}, teacher=teacher)
 
 
 def test_the_styles_differ_so_the_fixture_tells_them_apart(enhanced_ref):
@@ -140,37 +142,27 @@ def test_the_styles_differ_so_the_fixture_tells_them_apart(enhanced_ref):
         assert len(losses) == len(STYLES), name
 
 
+@pytest.mark.parametrize("setting", STYLES)
+def test_relinear_in_its_own_frame_is_not_the_fork(enhanced_ref, setting):
+    """LINs-lab/UCGM (and frame "transport") trains ReLinear at its own t (noise at t = 0); the fork does not."""
+    net, teacher = TinyNet(enhanced_ref), TinyNet(enhanced_ref, "teacher").requires_grad_(False)
+    obj = uc.UCGMObjective(transport="ReLinear", num_classes=NUM_CLASSES, **STYLES[setting])
+    loss = obj(net, enhanced_ref["loss/x"], enhanced_ref["loss/y"], teacher=teacher, t=enhanced_ref["loss/t"],
+               z=enhanced_ref["loss/z"])
+    assert abs(loss.item() - enhanced_ref[f"loss/ReLinear/{setting}"].item()) > 1e-3
+
+
 @pytest.mark.parametrize("recipe", PUBLISHED)
 def test_published_recipes_objective_is_the_author_tuning_objective(enhanced_ref, recipe):
-    """Each recipe's tuning objective is its fork tuning file's transport: section (fc_vs_fe_published is
-    REPA-E's; the four files differ only in the ratio); REPA-E's recipe, on its Linear transport, gives the
-    fork's loss and gradients."""
-    tuning = load_recipe(recipe).tuning
+    """Each recipe's tuning objective is its fork tuning file's transport: section in the fork's frame
+    (fc_vs_fe_published is REPA-E's; the four files differ only in the ratio): on the recipe's own transport,
+    at REPA-E's ratio, it gives the fork's loss and gradients."""
+    r = load_recipe(recipe)
     enhanced, huber = PUBLISHED[recipe]
-    assert (tuning.enhanced_style, tuning.enhanced, tuning.huber_eps) == ("fc-vs-fe", enhanced, huber)
-    kwargs = {k: v for k, v in tuning.objective_kwargs().items() if k != "time_dist"}
+    assert (r.tuning.enhanced_style, r.tuning.enhanced, r.tuning.huber_eps) == ("fc-vs-fe", enhanced, huber)
+    kwargs = {k: v for k, v in r.tuning.objective_kwargs().items() if k != "time_dist"}
     assert kwargs == {**STYLES["fc_vs_fe_published"], "enhanced": enhanced, "enhanced_range": (0.0, 0.75),
-                      "cosine_loss": False}
-    if recipe == "repa-e":
-        teacher = TinyNet(enhanced_ref, "teacher").requires_grad_(False)
-        assert_matches_reference(enhanced_ref, load_recipe(recipe).transport, "fc_vs_fe_published", kwargs,
-                                 teacher=teacher)
-
-
-@pytest.mark.parametrize("setting", STYLES)
-def test_the_fork_trains_relinear_in_the_linear_frame(enhanced_ref, setting):
-    """cccvs/UCGM's UCGMTS swaps a transport with gamma_in(0) = 0 (ReLinear: noise at t = 0) into the frame
-    with noise at s = 1: the coefficients swapped (ReLinear -> Linear), the network called at 1 - s with its
-    output negated. Its ReLinear losses are ours for Linear on that reversed network (LINs-lab/UCGM, and
-    our ReLinear objective, use the transport's own frame: tests above)."""
-    def reversed_net(net: torch.nn.Module):
-        return lambda x, s, y: -net(x, 1 - s, y)
-
-    net, teacher = TinyNet(enhanced_ref), TinyNet(enhanced_ref, "teacher").requires_grad_(False)
-    obj = uc.UCGMObjective(transport="Linear", num_classes=NUM_CLASSES, **STYLES[setting])
-    loss = obj(reversed_net(net), enhanced_ref["loss/x"], enhanced_ref["loss/y"], teacher=reversed_net(teacher),
-               t=enhanced_ref["loss/t"], z=enhanced_ref["loss/z"])
-    loss.backward()
-    torch.testing.assert_close(loss.detach(), enhanced_ref[f"loss/ReLinear/{setting}"], rtol=3e-6, atol=1e-7)
-    for pname, p in net.named_parameters():
-        torch.testing.assert_close(p.grad, enhanced_ref[f"grad/ReLinear/{setting}/{pname}"], rtol=1e-5, atol=1e-6)
+                      "cosine_loss": False, "frame": "noise-at-1"}
+    teacher = TinyNet(enhanced_ref, "teacher").requires_grad_(False)
+    assert_matches_reference(enhanced_ref, r.transport, "fc_vs_fe_published", {**kwargs, "enhanced": 2.5},
+                             teacher=teacher)

@@ -15,6 +15,12 @@ towards a target that is, by branch:
   evaluations run as one batched no-grad forward unless dropout is active);
 - consistency in (0, 1): the same with a backward difference over lambda t.
 
+With frame "noise-at-1" (cccvs/UCGM's UCGMTS) a transport with noise at t = 0 (gamma_in(0) = 0:
+ReLinear) is trained in the mirrored frame s = 1 - t: coefficients swapped (alpha_in <-> gamma_in,
+alpha_to <-> gamma_to; ReLinear becomes Linear) and the network read as F(x, s, y) = -net(x, 1 - s, y),
+so t's distribution, the weightings and the enhanced range apply with noise at s = 1. Frame
+"transport" (LINs-lab/UCGM) uses the transport's own t.
+
 The per-sample loss is the pseudo-Huber sqrt(mean (F - target)^2 + c^2) - c, optionally plus
 a cosine term, weighted by cos(1.57 t) with weighting "Cosine".
 """
@@ -33,6 +39,7 @@ from .transports import HALF_PI, Transport, get_transport
 Model = Callable[[Tensor, Tensor, Tensor], Tensor]
 WEIGHTINGS = (None, "Cosine")
 ENHANCED_STYLES = ("fc-vs-xz", "fc-vs-fe", "ft-vs-fe")  # cccvs/UCGM methodes/unigen.py, every style it has
+FRAMES = ("transport", "noise-at-1")
 
 
 class _RngReplay:
@@ -64,7 +71,8 @@ class UCGMObjective:
     Parameter names map to the reference: consistency = consistc_ratio, enhanced =
     enhanced_ratio, huber_eps = scaled_cbl_eps, cosine_loss = wt_cosine_loss, weighting =
     weight_funcion, time_dist = time_dist_ctrl, label_drop = lab_drop_ratio, enhanced_style =
-    enhanced_style (cccvs/UCGM; None = LINs-lab/UCGM's hard-coded choice, see the module doc).
+    enhanced_style (cccvs/UCGM; None = LINs-lab/UCGM's hard-coded choice, see the module doc); frame:
+    "noise-at-1" trains a noise-at-0 transport (ReLinear) in the mirrored frame as cccvs/UCGM does.
     """
 
     def __init__(
@@ -81,6 +89,7 @@ class UCGMObjective:
         fd_eps: float = 0.005,
         num_classes: int = 1000,
         enhanced_style: str | None = None,
+        frame: str = "transport",
     ) -> None:
         self.transport = get_transport(transport)
         _require(0.0 <= consistency <= 1.0, f"consistency must be in [0, 1], got {consistency!r}")
@@ -114,6 +123,11 @@ class UCGMObjective:
         self.time_dist = tuple(float(v) for v in time_dist)
         self.fd_eps = float(fd_eps)
         self.num_classes = int(num_classes)
+        _require(frame in FRAMES, f"frame must be one of {FRAMES}, got {frame!r}")
+        self.frame = frame
+        # The transport the loss is computed in: the mirrored one when the frame asks for it (module doc).
+        self.mirrored = frame == "noise-at-1" and self.transport.integrates_forward
+        self._tr = _Mirrored(self.transport) if self.mirrored else self.transport
         self.enhanced_style = enhanced_style or ("ft-vs-fe" if self.consistency == 0.0 else "fc-vs-xz")
 
     @property
@@ -152,7 +166,9 @@ class UCGMObjective:
         _require(t.shape == (batch,), f"t must have shape [{batch}], got {list(t.shape)}")
         _require(z.shape == x.shape, f"z must have x's shape {list(x.shape)}, got {list(z.shape)}")
         _require(y.shape == (batch,), f"y must have shape [{batch}], got {list(y.shape)}")
-        tr = self.transport
+        tr = self._tr
+        if self.mirrored:
+            model, teacher = _MirroredNet(model), (_MirroredNet(teacher) if teacher is not None else None)
         t_flat = t.to(x)
         t = t_flat.view((batch,) + (1,) * (x.ndim - 1))
         ndrop = self.num_dropped(batch)
@@ -193,7 +209,7 @@ class UCGMObjective:
         ndrop: int,
     ) -> Tensor:
         """The no-grad target of the enhanced and consistency branches."""
-        tr = self.transport
+        tr = self._tr
         t_flat = t.flatten()
         lo, hi = self.enhanced_range
         inside = (t_flat > lo) & (t_flat < hi)
@@ -244,7 +260,7 @@ class UCGMObjective:
         if self.enhanced_style == "fc-vs-xz":
             return predict(teacher, x_t, t, y), (x, z)
         if self.enhanced_style == "ft-vs-fe":
-            return self.transport.predictions(x_t, f_t, t), predict(teacher, x_t, t, null)
+            return self._tr.predictions(x_t, f_t, t), predict(teacher, x_t, t, null)
         if _has_active_dropout(teacher):  # fc-vs-fe, two replayed forwards: the same masks as the reference
             return predict(teacher, x_t, t, y), predict(teacher, x_t, t, null)
         x_hat, z_hat = predict(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))
@@ -264,8 +280,28 @@ class UCGMObjective:
         return torch.cat([kept, dropped])
 
 
+class _Mirrored(Transport):
+    """A transport with noise at t = 0 seen from s = 1 - t: the coefficient pairs swapped, as cccvs/UCGM."""
+
+    def __init__(self, base: Transport) -> None:
+        self.base, self.name = base, f"{base.name} (noise at 1)"
+        self.alpha_in, self.gamma_in = base.gamma_in, base.alpha_in  # type: ignore[method-assign]
+        self.alpha_to, self.gamma_to = base.gamma_to, base.alpha_to  # type: ignore[method-assign]
+
+
+class _MirroredNet:
+    """The network in the mirrored frame: F(x, s, y) = -net(x, 1 - s, y)."""
+
+    def __init__(self, net: Model) -> None:
+        self.net = net
+
+    def __call__(self, x: Tensor, s: Tensor, y: Tensor) -> Tensor:
+        return -self.net(x, 1 - s, y)
+
+
 def _has_active_dropout(model: Model) -> bool:
     """True for a module in training mode with a dropout layer of p > 0."""
+    model = model.net if isinstance(model, _MirroredNet) else model
     return isinstance(model, torch.nn.Module) and model.training and any(
         isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()
     )

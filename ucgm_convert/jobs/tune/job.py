@@ -221,7 +221,7 @@ def _summary(run: _Run, parallel: Parallel, trainer: Trainer, start: int) -> dic
                  f"{run.accum} accumulation step(s) ({parallel.mode})",
         "optimizer": f"{t.optimizer}, lr {t.lr:g}, betas {list(t.betas)}, weight decay {t.weight_decay:g}, "
                      f"grad clip {t.grad_clip:g}",
-        "objective": f"consistency {t.consistency:g}, enhanced {t.enhanced:g} ({t.enhanced_style}) on "
+        "objective": f"consistency {t.consistency:g}, enhanced {t.enhanced:g} ({t.enhanced_style}, frame {t.frame}) on "
                      f"{list(t.enhanced_range)}, huber eps {t.huber_eps:g}, label drop {t.label_drop:g}, time beta "
                      f"{list(t.time_beta)}, weighting {t.weighting}, teacher {t.teacher}",
         "forwards": f"per sample and step: 1 with gradient + {trainer.objective.no_grad_forwards} without",
