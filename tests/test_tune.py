@@ -358,7 +358,7 @@ def test_enhanced_style_is_printed_counted_and_recorded(setup: dict[str, Path]) 
     result = runner.invoke(app, base_args(setup, out, "--steps", "1", "--batch-size", "4",
                                           "--enhanced-style", "fc-vs-fe"))
     assert result.exit_code == 0, result.output
-    assert re.search(r"enhanced 1\.3 \(fc-vs-fe\)", result.output)
+    assert re.search(r"enhanced 1\.3 \(fc-vs-fe, frame\s+(│\s+│\s+)?transport\)", result.output)
     assert re.search(r"1 with gradient \+ 4\s+│?\s*without", result.output)
     assert load_recipe(out / "recipe.yaml").tuning.enhanced_style == "fc-vs-fe"
     assert state(out / "last")["recipe"]["tuning"]["enhanced_style"] == "fc-vs-fe"
