@@ -117,7 +117,7 @@ def test_push_uploads_folder_in_one_commit_with_card(hub: FakeHub, folder: Path)
     assert {r.dataset_type for r in data.eval_results} == {"ILSVRC/imagenet-1k"}
     assert CARD_MARKER in card.text
     for text in ("ucgm sample --checkpoint alice/sit-ucgm", 'uc.load("alice/sit-ucgm")', "| 2 | 1.42 | 296.5 |",
-                 "huber_eps: 9.0", "MIT license"):
+                 "huber_eps: 5.0", "enhanced_style: fc-vs-fe", "MIT license"):
         assert text in card.text, text
 
 

@@ -779,6 +779,8 @@ def test_sample_t_scale_clamps_at_one():
         (dict(label_drop=1.5), "label_drop"),
         (dict(huber_eps=-1.0), "huber_eps"),
         (dict(fd_eps=0.0), "fd_eps"),
+        (dict(enhanced_style="fc-vs-zz"), "enhanced_style"),
+        (dict(frame="noise-at-0"), "frame"),
     ],
 )
 def test_bad_constructor_arguments_raise_value_error_naming_them(kwargs, name):
@@ -842,3 +844,86 @@ def test_runs_on_cpu_without_cuda_calls_and_leaves_inputs_untouched(cfg, monkeyp
         assert loss.device.type == "cpu" and torch.isfinite(loss)
         for before, after in zip(copies, (x, y, z, t)):
             assert torch.equal(before, after), "inputs must not be modified in place"
+
+
+# --------------------------------------------------------------------------------------------
+# enhanced_style (cccvs/UCGM); exactness against the fork: tests/test_transports_reference.py
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cor", [0.0, 0.5, 1.0])
+def test_default_style_is_the_lins_lab_rule(cor):
+    """None = LINs-lab/UCGM's hard-coded choice: ft-vs-fe without consistency, fc-vs-xz with it."""
+    model, teacher = Net().double(), Net(seed=7).double()
+    x, y, z = make_data()
+    default = objective(consistency=cor, enhanced=1.5, label_drop=0.25)
+    named = objective(consistency=cor, enhanced=1.5, label_drop=0.25,
+                      enhanced_style="ft-vs-fe" if cor == 0.0 else "fc-vs-xz")
+    assert default.enhanced_style == named.enhanced_style
+    assert torch.equal(default(model, x, y, teacher=teacher, t=T8, z=z), named(model, x, y, teacher=teacher, t=T8, z=z))
+    other = objective(consistency=cor, enhanced=1.5, label_drop=0.25, enhanced_style="fc-vs-fe")
+    assert abs(other(model, x, y, teacher=teacher, t=T8, z=z).item() - default(model, x, y, teacher=teacher, t=T8,
+                                                                            z=z).item()) > 1e-6
+
+
+def test_fc_vs_fe_runs_the_teacher_once_on_conditional_and_null_rows():
+    model, teacher = Net().double(), Net(seed=7).double()
+    x, y, z = make_data()
+    obj = objective(consistency=1.0, enhanced=2.5, label_drop=0.25, enhanced_style="fc-vs-fe")
+    obj(model, x, y, teacher=teacher, t=T8, z=z)
+    dropped = y.clone()
+    dropped[-2:] = NC
+    assert [(c["batch"], c["grad"]) for c in teacher.calls] == [(16, False)]
+    assert torch.equal(teacher.calls[0]["y"], torch.cat([dropped, torch.full_like(y, NC)]))
+    assert torch.equal(teacher.calls[0]["t"], torch.cat([T8, T8]))
+    assert [c["batch"] for c in model.calls] == [8, 16], "the student: its own forward and the central differences"
+    assert obj.no_grad_forwards == 4
+
+
+@pytest.mark.parametrize(("style", "cor", "count"), [("fc-vs-fe", 1.0, 4), ("fc-vs-xz", 1.0, 3), ("ft-vs-fe", 0.0, 1),
+                                                     ("fc-vs-fe", 0.5, 3), ("fc-vs-fe", 0.0, 2)])
+def test_no_grad_forwards_counts_the_rows_actually_evaluated(style, cor, count):
+    model, teacher = Net().double(), Net(seed=7).double()
+    x, y, z = make_data()
+    obj = objective(consistency=cor, enhanced=0.6, label_drop=0.25, enhanced_style=style)
+    obj(model, x, y, teacher=teacher, t=T8, z=z)
+    rows = sum(c["batch"] for c in model.calls + teacher.calls if not c["grad"])
+    assert obj.no_grad_forwards == count == rows // 8
+    without_enhancement = {0.0: 0, 0.5: 1, 1.0: 2}[cor]  # the consistency branch alone
+    assert objective(consistency=cor, enhanced=0.0, enhanced_style=style).no_grad_forwards == without_enhancement
+
+
+def test_fc_vs_fe_with_teacher_dropout_replays_one_mask_for_both_forwards():
+    """A teacher in train mode with dropout (the reference's teacher runs in train mode): two replayed forwards
+    of B rows, not one of 2B, so the conditional and the unconditional rows see the reference's one mask."""
+    model, teacher = Net().double(), Net(seed=7, p_drop=0.5).double().train()
+    masks = []
+    teacher.drop.register_forward_hook(lambda module, inputs, output: masks.append(output != 0))
+    x, y, z = make_data()
+    obj = objective(consistency=1.0, enhanced=2.5, label_drop=0.25, enhanced_style="fc-vs-fe")
+    torch.manual_seed(3)
+    obj(model, x, y, teacher=teacher, t=T8, z=z)
+    assert [c["batch"] for c in teacher.calls] == [8, 8]
+    assert torch.equal(masks[0], masks[1]) and 0 < masks[0].float().mean() < 1
+
+
+@pytest.mark.parametrize("style", ["fc-vs-fe", "fc-vs-xz"])
+def test_frame_noise_at_one_mirrors_relinear_and_leaves_linear_alone(style):
+    """noise-at-1: ReLinear's loss is Linear's for the network read as -net(x, 1 - s, y); Linear is unchanged."""
+    model, teacher = Net().double(), Net(seed=7).double()
+    x, y, z = make_data()
+    kw = dict(consistency=1.0, enhanced=2.0, label_drop=0.25, enhanced_style=style, huber_eps=0.1)
+    linear = objective(transport="Linear", **kw)(model, x, y, teacher=teacher, t=T8, z=z)
+    assert torch.equal(objective(transport="Linear", frame="noise-at-1", **kw)(model, x, y, teacher=teacher, t=T8,
+                                                                               z=z), linear)
+
+    def mirrored(net):
+        return lambda x_in, s, labels: -net(x_in, 1 - s, labels)
+
+    model.calls.clear()
+    relinear = objective(transport="ReLinear", frame="noise-at-1", **kw)(model, x, y, teacher=teacher, t=T8, z=z)
+    assert torch.equal(model.calls[0]["t"], 1 - T8) and model.calls[0]["grad"]  # the student, at 1 - s
+    by_hand = objective(transport="Linear", **kw)(mirrored(model), x, y, teacher=mirrored(teacher), t=T8, z=z)
+    torch.testing.assert_close(relinear, by_hand, rtol=1e-12, atol=1e-14)
+    own_frame = objective(transport="ReLinear", **kw)(model, x, y, teacher=teacher, t=T8, z=z)
+    assert abs(own_frame.item() - relinear.item()) > 1e-6

@@ -14,7 +14,7 @@ from ucgm_convert.errors import UCGMError
 from ucgm_convert.recipe import load_recipe, recipe_names
 
 runner = CliRunner()
-TRAINING_REPAE = "LINs-lab/UCGM configs/training_few_steps/in1k256_tit_xl_repae.yaml"
+FORK_REPAE = "cccvs/UCGM@0b5e768 configs/tuning_few_steps/in1k256_sit_xl_repae_linear.yaml"
 
 
 def _write(tmp_path: Path, borrowed: Any, drop: tuple[str, ...] = ()) -> str:
@@ -28,14 +28,22 @@ def _write(tmp_path: Path, borrowed: Any, drop: tuple[str, ...] = ()) -> str:
     return str(path)
 
 
-def test_repa_e_marks_the_objective_ratios_borrowed_and_the_rest_published() -> None:
+def test_repa_e_tuning_is_published_by_the_author_fork_objective_included() -> None:
     recipe = load_recipe("repa-e")
-    assert recipe.provenance("tuning.enhanced") == f"borrowed from {TRAINING_REPAE}"
-    assert recipe.provenance("tuning.huber_eps") == f"borrowed from {TRAINING_REPAE}"
-    for path in ("tuning.lr", "tuning.optimizer", "tuning.steps", "tuning.global_batch", "tuning.ema_decay",
-                 "sampling.steps", "few_step_sampling.gaps", "paper_tuned", "vae"):
+    assert recipe.borrowed == {}
+    for path in ("tuning.enhanced", "tuning.enhanced_style", "tuning.huber_eps", "tuning.lr", "tuning.optimizer",
+                 "tuning.steps", "tuning.global_batch", "tuning.ema_decay", "sampling.steps", "few_step_sampling.gaps",
+                 "paper_tuned", "vae"):
         assert recipe.provenance(path) == "published", path
-    assert "cccvs/UCGM@0b5e768 configs/tuning_few_steps/in1k256_sit_xl_repae_linear.yaml" in recipe.source
+    assert FORK_REPAE in recipe.source
+    assert "configs/training_few_steps/" not in recipe.source, "nothing is taken from the training file any more"
+
+
+def test_a_borrowed_field_reads_borrowed_from_its_source(tmp_path: Path) -> None:
+    training = "LINs-lab/UCGM configs/training_few_steps/in1k256_tit_xl_repae.yaml"
+    recipe = load_recipe(_write(tmp_path, {"tuning.enhanced": training}))
+    assert recipe.provenance("tuning.enhanced") == f"borrowed from {training}"
+    assert recipe.provenance("tuning.enhanced_style") == "published"
 
 
 def test_a_field_key_wins_over_its_section_key() -> None:
@@ -77,10 +85,12 @@ def test_borrowing_from_an_absent_section_is_refused(tmp_path: Path) -> None:
 
 
 def test_cli_show_has_a_source_column(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["recipes", "show", "repa-e"])
+    result = runner.invoke(app, ["recipes", "show", "repa"])
     assert result.exit_code == 0, result.output
     rows = {line.split()[1]: line for line in result.stdout.splitlines() if len(line.split()) > 2}
-    assert "borrowed from LINs-lab/UCGM" in rows["huber_eps"]
+    sampling_rows = [line for line in result.stdout.splitlines() if "extrapolation" in line]
+    assert "borrowed from" in sampling_rows[0]  # the multi-step sampling section; few-step is published
+    assert rows["enhanced_style"].split()[-2] == "published"
     assert rows["lr"].split()[-2] == "published"
     assert rows["global_batch"].split()[-2] == "published"
     assert "derived" in rows["guidance"]

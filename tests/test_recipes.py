@@ -71,23 +71,25 @@ PAPER = {
 }
 
 # Few-step sampling end gap (configs/tuning_few_steps/*.yaml, or the closest published one) and
-# tuning values (configs/training_few_steps/ for the VAE: enhanced_ratio, scaled_cbl_eps;
+# tuning values (cccvs/UCGM@0b5e768 configs/tuning_few_steps/ where published, with enhanced_style
+# fc-vs-fe; else configs/training_few_steps/ for the VAE: enhanced_ratio, scaled_cbl_eps, fc-vs-xz;
 # configs/tuning_few_steps/: max_steps, global_batch_size).
 # name: (end gap, enhanced, huber_eps, steps, global_batch, label_drop)
 TUNING = {
-    "repa-e": (0.75, 1.3, 9.0, 500, 1024, 0.1),
-    "lightningdit": (0.6, 2.0, 5.0, 800, 1024, 0.1),
-    "ddt-256": (0.5, 2.0, 5.0, 800, 512, 0.1),
+    "repa-e": (0.75, 2.5, 5.0, 500, 1024, 0.1),
+    "lightningdit": (0.6, 3.0, 5.0, 800, 1024, 0.1),
+    "ddt-256": (0.5, 1.9, 5.0, 800, 512, 0.1),
     "ddt-512": (0.5, 1.5, 5.0, 800, 512, 0.1),
     "edm2-s": (0.5, 1.5, 5.0, 800, 1024, 0.0),
     "edm2-l": (0.5, 1.5, 5.0, 800, 1024, 0.0),
     "edm2-xxl": (0.5, 1.5, 5.0, 800, 1024, 0.0),
     "demo": (0.5, 1.3, 0.05, 100, 64, 0.1),
-    "repa": (0.6, 2.0, 5.0, 800, 1024, 0.1),
+    "repa": (0.6, 1.7, 5.0, 800, 1024, 0.1),
     "sit": (0.5, 2.0, 5.0, 800, 1024, 0.1),
     "dit-256": (0.6, 2.0, 5.0, 800, 1024, 0.1),
     "dit-512": (0.6, 2.0, 5.0, 800, 1024, 0.1),
 }
+FC_VS_FE = ("repa-e", "lightningdit", "ddt-256", "repa")  # the author's tuning files set enhanced_style fc-vs-fe
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +130,8 @@ def test_real_models_have_no_default_checkpoint_and_name_their_sources(name: str
     config = PUBLISHED_SAMPLING[name][0]
     assert f"configs/sampling_multi_steps/{config}.yaml" in recipe.source
     assert f"configs/sampling_multi_steps/{config}.yaml" in recipe_text(name)
-    assert "configs/training_few_steps/" in recipe.source
+    assert ("cccvs/UCGM@0b5e768 configs/tuning_few_steps/" if name in FC_VS_FE else "configs/training_few_steps/") \
+        in recipe.source
     assert "configs/tuning_few_steps/" in recipe.source
 
 
@@ -192,8 +195,11 @@ def test_few_step_sampling_and_tuning(name: str) -> None:
     assert (t.consistency, t.enhanced, t.huber_eps, t.enhanced_range) == (1.0, enhanced, huber, (0.0, 0.75))
     assert (t.time_beta, t.weighting, t.cosine_loss, t.teacher) == ((0.8, 1.0, 1.0), "Cosine", False, "frozen")
     assert (t.ema_decay, t.steps, t.global_batch, t.label_drop) == (0.99, steps, batch, label_drop)
+    style = "fc-vs-fe" if name in FC_VS_FE else "fc-vs-xz"
     assert t.objective_kwargs() == {
-        "consistency": 1.0, "enhanced": enhanced, "enhanced_range": (0.0, 0.75), "label_drop": label_drop,
+        "consistency": 1.0, "enhanced": enhanced, "enhanced_style": style, "enhanced_range": (0.0, 0.75),
+        "frame": "noise-at-1" if name in FC_VS_FE else "transport",
+        "label_drop": label_drop,
         "huber_eps": huber, "cosine_loss": False, "weighting": "Cosine", "time_dist": (0.8, 1.0, 1.0),
     }
 

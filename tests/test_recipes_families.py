@@ -38,9 +38,10 @@ def test_repa_published_values() -> None:
     assert (f.steps, f.stochasticity, f.gaps, f.cfg_scale) == (2, 1.0, (0.001, 0.6), 1.0)
     t = r.tuning
     assert (t.steps, t.global_batch, t.ema_decay, t.huber_eps, t.label_drop) == (800, 1024, 0.99, 5.0, 0.1)
-    for field in ("few_step_sampling.gaps", "tuning.steps", "tuning.huber_eps", "tuning.lr", "paper_tuned"):
+    assert (t.enhanced, t.enhanced_style) == (1.7, "fc-vs-fe")
+    for field in ("few_step_sampling.gaps", "tuning.steps", "tuning.huber_eps", "tuning.lr", "paper_tuned",
+                  "tuning.enhanced", "tuning.enhanced_style"):
         assert r.provenance(field) == "published", field
-    assert r.provenance("tuning.enhanced").startswith("borrowed from LINs-lab/UCGM configs/training_few_steps/")
     assert r.provenance("sampling.steps") == ("borrowed from cccvs/UCGM@0b5e768 "
                                               "configs/tuning_few_steps/in1k256_sit_xl_sdvae_linear.yaml")
     assert "configs/tuning_few_steps/in1k256_sit_xl_sdvae_linear.yaml" in r.source

@@ -349,3 +349,19 @@ def test_the_tuned_card_names_its_base_model_and_has_no_unconditional_task(setup
     assert json.loads((out / "config.json").read_text())["base_model"] == "alice/tiny-base"
     card = (out / "README.md").read_text()
     assert "base_model: alice/tiny-base" in card and "pipeline_tag" not in card and "class-conditional" in card
+
+
+def test_enhanced_style_is_printed_counted_and_recorded(setup: dict[str, Path]) -> None:
+    """--enhanced-style fc-vs-fe: the settings table names it and counts its extra teacher forward (2 teacher
+    rows + 2 central-difference rows without gradient); recipe.yaml, train_state.pt and the card record it."""
+    out = setup["tmp"] / "out"
+    result = runner.invoke(app, base_args(setup, out, "--steps", "1", "--batch-size", "4",
+                                          "--enhanced-style", "fc-vs-fe"))
+    assert result.exit_code == 0, result.output
+    assert re.search(r"enhanced 1\.3 \(fc-vs-fe, frame\s+(│\s+│\s+)?transport\)", result.output)
+    assert re.search(r"1 with gradient \+ 4\s+│?\s*without", result.output)
+    assert load_recipe(out / "recipe.yaml").tuning.enhanced_style == "fc-vs-fe"
+    assert state(out / "last")["recipe"]["tuning"]["enhanced_style"] == "fc-vs-fe"
+    assert "enhanced_style: fc-vs-fe" in (out / "README.md").read_text()
+    result = runner.invoke(app, base_args(setup, setup["tmp"] / "bad", "--enhanced-style", "fc-vs-zz"))
+    assert result.exit_code == 2 and "fc-vs-xz" in result.output and "Traceback" not in result.output

@@ -7,6 +7,7 @@ from typing import Annotated, Any, ClassVar
 import annotated_types as at
 from pydantic import BeforeValidator, Field
 
+from ..objective import ENHANCED_STYLES, FRAMES
 from .base import UNIT, Bool, Float, Int, Settings, checked, choice, floats
 
 OPTIMIZERS = ("RAdam", "Adam", "AdamW")
@@ -24,6 +25,13 @@ class TuningSettings(Settings):
     consistency: Float = Field(default=1.0, ge=0.0, le=1.0,
                                description="Consistency ratio in [0, 1] (1 = central differences).")
     enhanced: Float = Field(ge=0.0, description="Enhanced-target ratio (>= 0).")
+    enhanced_style: choice(*ENHANCED_STYLES) = Field(  # type: ignore[valid-type]
+        default="fc-vs-xz", description="What the enhanced target contrasts (cccvs/UCGM enhanced_style): fc-vs-xz "
+        "teacher(y) vs the data target, fc-vs-fe teacher(y) vs teacher(null) (one more no-grad forward), ft-vs-fe "
+        "the student's own prediction vs teacher(null).")
+    frame: choice(*FRAMES) = Field(  # type: ignore[valid-type]
+        default="transport", description="Time frame of the loss: transport (its own t, LINs-lab/UCGM) or "
+        "noise-at-1 (a transport with noise at t=0, ReLinear, trained at s=1-t as cccvs/UCGM).")
     enhanced_range: checked(floats(2, *UNIT), lambda v: v[0] <= v[1], "with lo <= hi") = Field(  # type: ignore[valid-type]
         default=(0.0, 0.75), description="'lo,hi' times where targets are enhanced.")
     huber_eps: Float = Field(ge=0.0, description="Pseudo-Huber c (>= 0; 0 = L2).")
@@ -41,7 +49,8 @@ class TuningSettings(Settings):
     global_batch: Int = Field(default=1024, ge=1, description="Samples per optimizer step over all processes.")
 
     OBJECTIVE_KEYS: ClassVar[tuple[str, ...]] = (
-        "consistency", "enhanced", "enhanced_range", "label_drop", "huber_eps", "cosine_loss", "weighting",
+        "consistency", "enhanced", "enhanced_style", "frame", "enhanced_range", "label_drop", "huber_eps",
+        "cosine_loss", "weighting",
     )
 
     def objective_kwargs(self) -> dict[str, Any]:

@@ -208,7 +208,7 @@ def _grid(run: _Run, ema: GenerativeModel, step: int) -> None:
     save_grid(run.config.out / ckpt.SAMPLES / f"step-{step:06d}.png", images.numpy())
 
 
-def _summary(run: _Run, parallel: Parallel, start: int) -> dict[str, object]:
+def _summary(run: _Run, parallel: Parallel, trainer: Trainer, start: int) -> dict[str, object]:
     t, c = run.tuning, run.config
     model = run.model
     return {
@@ -221,9 +221,10 @@ def _summary(run: _Run, parallel: Parallel, start: int) -> dict[str, object]:
                  f"{run.accum} accumulation step(s) ({parallel.mode})",
         "optimizer": f"{t.optimizer}, lr {t.lr:g}, betas {list(t.betas)}, weight decay {t.weight_decay:g}, "
                      f"grad clip {t.grad_clip:g}",
-        "objective": f"consistency {t.consistency:g}, enhanced {t.enhanced:g} on {list(t.enhanced_range)}, huber eps "
-                     f"{t.huber_eps:g}, label drop {t.label_drop:g}, time beta {list(t.time_beta)}, weighting "
-                     f"{t.weighting}, teacher {t.teacher}",
+        "objective": f"consistency {t.consistency:g}, enhanced {t.enhanced:g} ({t.enhanced_style}, frame {t.frame}) on "
+                     f"{list(t.enhanced_range)}, huber eps {t.huber_eps:g}, label drop {t.label_drop:g}, time beta "
+                     f"{list(t.time_beta)}, weighting {t.weighting}, teacher {t.teacher}",
+        "forwards": f"per sample and step: 1 with gradient + {trainer.objective.no_grad_forwards} without",
         "EMA decay": f"{t.ema_decay:g}",
         "precision": f"{c.dtype}{' + activation checkpointing' if c.grad_checkpointing else ''} on {run.ctx.device}",
         "few-step sampler": f"{run.few_step.steps} steps, stochasticity {run.few_step.stochasticity}, gaps "
@@ -267,11 +268,13 @@ def _tune(config: TuneConfig, ctx: distributed.Context, reporter: Reporter) -> T
             ckpt.truncate_metrics(metrics, start)
         else:
             metrics.unlink(missing_ok=True)
-        reporter.table(f"UCGM-T tuning (recipe {run_.recipe.name}; flags override)", _summary(run_, parallel, start))
-        if start == 0 and run_.config.sample_every > 0:
-            _grid(run_, ema, 0)
     trainer = Trainer(run_.data, tuning, UCGMObjective(**run_.recipe.objective_kwargs()), parallel, ema,
                       run_.micro, run_.accum, config.seed)
+    if ctx.is_main:
+        reporter.table(f"UCGM-T tuning (recipe {run_.recipe.name}; flags override)",
+                       _summary(run_, parallel, trainer, start))
+        if start == 0 and run_.config.sample_every > 0:
+            _grid(run_, ema, 0)
     last = _train(run_, trainer, ema, start, elapsed, reporter)
     if ctx.is_main:
         final = ckpt.latest_checkpoint(out)
