@@ -185,7 +185,10 @@ def test_few_step_sampling_and_tuning(name: str) -> None:
     assert t.objective_kwargs() == {
         "consistency": 1.0, "enhanced": enhanced, "enhanced_range": (0.0, 0.75), "label_drop": label_drop,
         "huber_eps": huber, "cosine_loss": False, "weighting": "Cosine", "time_dist": (0.8, 1.0, 1.0),
+        "mirror_time": False,
     }
+    # The label drop is rounded per reference GPU batch (global_batch_size / its 8 GPUs) where it drops labels.
+    assert t.drop_group() == (batch // 8 if label_drop and name != "demo" else batch)
 
 
 def test_unpublished_tuning_is_marked_as_adapted() -> None:

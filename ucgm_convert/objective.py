@@ -12,6 +12,11 @@ towards a target that is, by branch:
 
 The per-sample loss is the pseudo-Huber sqrt(mean (F - target)^2 + c^2) - c, optionally plus
 a cosine term, weighted by cos(1.57 t) with weighting "Cosine".
+
+The time distribution, w(t) = 4 / sin(1.57 t), cos(1.57 t) and the enhanced range assume noise
+at t = 1. With `mirror_time` and a transport with noise at t = 0 (ReLinear), the objective runs in
+the mirrored time s = 1 - t: the transport's coefficients and the network are evaluated at 1 - s,
+so ReLinear is trained exactly as Linear is (off by default: the reference does not mirror).
 """
 
 from __future__ import annotations
@@ -73,8 +78,11 @@ class UCGMObjective:
         time_dist: Sequence[float] = (1.0, 1.0, 1.0),
         fd_eps: float = 0.005,
         num_classes: int = 1000,
+        mirror_time: bool = False,
     ) -> None:
         self.transport = get_transport(transport)
+        self.mirror_time = bool(mirror_time) and self.transport.integrates_forward
+        self._tr: Transport = Mirrored(self.transport) if self.mirror_time else self.transport
         _require(0.0 <= consistency <= 1.0, f"consistency must be in [0, 1], got {consistency!r}")
         _require(enhanced >= 0.0, f"enhanced must be >= 0, got {enhanced!r}")
         _require(
@@ -122,8 +130,14 @@ class UCGMObjective:
         teacher: Model | None = None,
         t: Tensor | None = None,
         z: Tensor | None = None,
+        ndrop: int | None = None,
     ) -> Tensor:
-        """The scalar loss for data x [B, ...] with labels y [B]; differentiable through model."""
+        """The scalar loss for data x [B, ...] with labels y [B]; differentiable through model.
+
+        `ndrop` overrides how many of the last labels become the null class (default
+        round(label_drop * B)); tuning passes each micro-batch its share of the process batch.
+        With `mirror_time`, t is the objective's time s (noise at 1) and the network sees 1 - s.
+        """
         batch = x.shape[0]
         if t is None:
             t = self.sample_t(batch, x.device)
@@ -132,10 +146,14 @@ class UCGMObjective:
         _require(t.shape == (batch,), f"t must have shape [{batch}], got {list(t.shape)}")
         _require(z.shape == x.shape, f"z must have x's shape {list(x.shape)}, got {list(z.shape)}")
         _require(y.shape == (batch,), f"y must have shape [{batch}], got {list(y.shape)}")
-        tr = self.transport
+        tr = self._tr
+        stochastic = _has_active_dropout(model)
+        if self.mirror_time:
+            model, teacher = _mirror(model), (_mirror(teacher) if teacher is not None else None)
         t_flat = t.to(x)
         t = t_flat.view((batch,) + (1,) * (x.ndim - 1))
-        ndrop = self.num_dropped(batch)
+        ndrop = self.num_dropped(batch) if ndrop is None else int(ndrop)
+        _require(0 <= ndrop <= batch, f"ndrop must be in [0, {batch}], got {ndrop}")
         y = y.clone()
         if ndrop:
             y[batch - ndrop :] = self.num_classes
@@ -148,7 +166,8 @@ class UCGMObjective:
 
         if self.consistency != 0.0 or self.enhanced != 0.0:
             with torch.no_grad():
-                target = self._target(model, teacher or model, replay, x, z, y, t, x_t, f_t.detach(), dent, ndrop)
+                target = self._target(model, teacher or model, replay, stochastic, x, z, y, t, x_t, f_t.detach(),
+                                      dent, ndrop)
 
         loss = torch.sqrt(_per_sample_mean((f_t - target) ** 2) + self.huber_eps**2) - self.huber_eps
         if self.cosine_loss:
@@ -163,6 +182,7 @@ class UCGMObjective:
         model: Model,
         teacher: Model,
         replay: _RngReplay,
+        stochastic: bool,
         x: Tensor,
         z: Tensor,
         y: Tensor,
@@ -172,15 +192,20 @@ class UCGMObjective:
         dent: Tensor,
         ndrop: int,
     ) -> Tensor:
-        """The no-grad target of the enhanced and consistency branches."""
-        tr = self.transport
+        """The no-grad target of the enhanced and consistency branches.
+
+        As the reference: the forwards of the online model replay the RNG of its first forward (same
+        dropout); the teacher's conditional forward does not (a fresh draw, as the reference's
+        train-mode teacher)."""
+        tr = self._tr
         t_flat = t.flatten()
         lo, hi = self.enhanced_range
         inside = (t_flat > lo) & (t_flat < hi)
         x_tar, z_tar = x, z
 
-        def predict(net: Model, x_in: Tensor, t_in: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-            with replay():
+        def predict(net: Model, x_in: Tensor, t_in: Tensor, labels: Tensor, same_draws: bool = True
+                    ) -> tuple[Tensor, Tensor]:
+            with replay() if same_draws else contextlib.nullcontext():
                 f = net(x_in, t_in.flatten(), labels)
             return tr.predictions(x_in, f, t_in)
 
@@ -194,7 +219,7 @@ class UCGMObjective:
 
         if self.enhanced != 0.0:
             # Enhance towards the (frozen) teacher's conditional prediction.
-            x_m, z_m = predict(teacher, x_t, t, y)
+            x_m, z_m = predict(teacher, x_t, t, y, same_draws=False)
             x_tar = self._enhance(x_tar, inside, ndrop, x_m, x_tar)
             z_tar = self._enhance(z_tar, inside, ndrop, z_m, z_tar)
 
@@ -202,7 +227,7 @@ class UCGMObjective:
             """The online model's clean prediction at each time: one batched forward, or one
             replayed forward per time when dropout is active (so every time sees the same masks)."""
             x_in = [tr.interpolate(x_tar, z_tar, r) for r in times]
-            if _has_active_dropout(model):
+            if stochastic:
                 return [predict(model, xi, r, y)[0] for xi, r in zip(x_in, times)]
             x_hat, _ = predict(model, torch.cat(x_in), torch.cat(list(times)), y.repeat(len(times)))
             return list(x_hat.chunk(len(times)))
@@ -235,10 +260,40 @@ class UCGMObjective:
         return torch.cat([kept, dropped])
 
 
+class Mirrored(Transport):
+    """Transport `base` in mirrored time s = 1 - t: every coefficient c'(s) = c(1 - s).
+
+    Mirrored(ReLinear) is Linear; the network is called at 1 - s (`_mirror`)."""
+
+    def __init__(self, base: Transport) -> None:
+        self.base = base
+        self.name = f"Mirrored({base.name})"
+
+    def alpha_in(self, t: Tensor) -> Tensor:
+        return self.base.alpha_in(1 - t)
+
+    def gamma_in(self, t: Tensor) -> Tensor:
+        return self.base.gamma_in(1 - t)
+
+    def alpha_to(self, t: Tensor) -> Tensor:
+        return self.base.alpha_to(1 - t)
+
+    def gamma_to(self, t: Tensor) -> Tensor:
+        return self.base.gamma_to(1 - t)
+
+
+def _mirror(model: Model) -> Model:
+    """`model` called at the transport's own time 1 - s."""
+    return lambda x_t, s, y: model(x_t, 1 - s, y)
+
+
 def _has_active_dropout(model: Model) -> bool:
-    """True for a module in training mode with a dropout layer of p > 0."""
+    """True for a module in training mode whose forward draws random numbers: a dropout layer of p > 0,
+    or a submodule whose `draws_randomly()` says so (train-mode label dropout without given draws)."""
     return isinstance(model, torch.nn.Module) and model.training and any(
-        isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()
+        (isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0)
+        or bool(getattr(m, "draws_randomly", lambda: False)())
+        for m in model.modules()
     )
 
 
