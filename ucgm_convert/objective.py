@@ -263,7 +263,8 @@ class UCGMObjective:
 class Mirrored(Transport):
     """Transport `base` in mirrored time s = 1 - t: every coefficient c'(s) = c(1 - s).
 
-    Mirrored(ReLinear) is Linear; the network is called at 1 - s (`_mirror`)."""
+    Mirrored(ReLinear) is Linear with the target negated (F = x - z: the loss is the same); the network
+    is called at 1 - s (`_mirror`)."""
 
     def __init__(self, base: Transport) -> None:
         self.base = base
