@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_model
+from typer.testing import CliRunner
 
 import ucgm_convert as uc
+from ucgm_convert.cli import app
 from ucgm_convert.formats.latent_folder import write_latent_folder
+from ucgm_convert.foundation import precision_label, sampling_dtype, tf32_matmuls
+from ucgm_convert.jobs.evaluate import EvalConfig
+from ucgm_convert.jobs.sample import SampleConfig
 from ucgm_convert.jobs.tune import TuneConfig, TuneDiverged
 from ucgm_convert.jobs.tune import run as tune
 from ucgm_convert.jobs.tune.config import train_dtype
@@ -49,6 +55,14 @@ def tiny_lightningdit(seed: int = 0, **kw: object) -> torch.nn.Module:
             if p.requires_grad:
                 p.normal_(0, 0.2)
     return net
+
+
+def tiny_recipe(folder: Path) -> str:
+    """The demo recipe for the 5-class tiny SiT of conftest.py."""
+    text = (REPO / "recipes" / "demo.yaml").read_text().replace("num_classes: 10", "num_classes: 5")
+    path = folder / "tiny.yaml"
+    path.write_text(text.replace("checkpoint: embedded:demo", "checkpoint: null").replace("name: demo", "name: t"))
+    return str(path)
 
 
 # 1. Train-mode label dropout ------------------------------------------------------------------------
@@ -180,10 +194,33 @@ def test_accumulated_micro_batches_are_the_objective_of_the_whole_batch() -> Non
 # 5. Precision ---------------------------------------------------------------------------------------
 
 
-def test_precision_auto_is_bf16_on_cuda_and_float32_on_cpu() -> None:
+def test_precision_auto_is_the_references_on_cuda_and_float32_on_cpu() -> None:
+    """Tuning: bf16 autocast on CUDA (scripts/run_train.sh PRECISION=bf16); sampling: TF32 matmuls
+    (eval.py allow_tf32 = True); CPU: float32 for both."""
     assert TuneConfig.model_fields["dtype"].default == "auto"
     assert train_dtype("auto", "cuda") == "bfloat16" and train_dtype("auto", "cpu") == "float32"
     assert train_dtype("float32", "cuda") == "float32" and train_dtype("bfloat16", "cpu") == "bfloat16"
+    assert SampleConfig.model_fields["dtype"].default == "auto" and EvalConfig.model_fields["dtype"].default == "auto"
+    assert sampling_dtype("auto", "cuda") == "tf32" and sampling_dtype("auto", "cpu") == "float32"
+    assert sampling_dtype("tf32", "cpu") == "float32" and sampling_dtype("bfloat16", "cuda") == "bfloat16"
+    assert precision_label("tf32", "auto") == "float32 weights, TF32 matmuls (auto: the reference samples with TF32)"
+    assert precision_label("float32", "auto") == "float32 (auto: float32 off CUDA)"
+    saved = torch.backends.cuda.matmul.allow_tf32
+    with tf32_matmuls():
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32 == saved
+
+
+def test_tune_prints_the_resolved_precision(tmp_path: Path) -> None:
+    """On CPU --dtype auto trains in float32 and the settings table says why."""
+    ckpt = uc.save_checkpoint(tiny_model(), tmp_path / "tiny")
+    data = write_latent_folder(tmp_path / "data", torch.randn(16, 3, 8, 8), torch.arange(16) % 5)
+    result = CliRunner().invoke(app, ["tune", "--from", tiny_recipe(tmp_path), "--checkpoint", str(ckpt), "--data",
+                                      str(data), "--out", str(tmp_path / "out"), "--global-batch", "8", "--steps",
+                                      "1", "--sample-every", "0", "--device", "cpu"], env={"COLUMNS": "240"})
+    assert result.exit_code == 0, result.output
+    assert re.search(r"precision\s+│ float32 \(auto: float32 off CUDA\) on cpu", result.output), result.output
+    assert "0 step(s) skipped for a non-finite gradient" in " ".join(result.output.split())
 
 
 # 6. Non-finite gradients ----------------------------------------------------------------------------
@@ -213,10 +250,7 @@ def test_non_finite_gradients_are_skipped_counted_and_stop_after_max_skipped(tmp
     labels[[5, 17]] = 4  # two samples of the exploding class
     data = write_latent_folder(tmp_path / "data", torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(1)),
                                labels)
-    recipe = tmp_path / "tiny.yaml"
-    text = (REPO / "recipes" / "demo.yaml").read_text().replace("num_classes: 10", "num_classes: 5")
-    recipe.write_text(text.replace("checkpoint: embedded:demo", "checkpoint: null").replace("name: demo", "name: t"))
-    common = dict(recipe=str(recipe), checkpoint=str(ckpt), data=str(data), global_batch=8, lr=1e-27,
+    common = dict(recipe=tiny_recipe(tmp_path), checkpoint=str(ckpt), data=str(data), global_batch=8, lr=1e-27,
                   sample_every=0)  # lr: updates far below the 1e-21-scaled weights keep class 4 finite
     # Which steps hold a class-4 row that keeps its label (the last round(0.1 * 8) = 1 row is dropped).
     bad = {s for s in range(6) if bool((labels[batch_indices(n, 8, 0, s)][:7] == 4).any())}

@@ -244,8 +244,8 @@ def _precision(dtype: str, auto: bool) -> str:
     name = "bfloat16 autocast (float32 weights and optimizer)" if dtype == "bfloat16" else "float32"
     if not auto:
         return name
-    return name + (" [auto: the reference tunes under bf16 autocast]" if dtype == "bfloat16" else
-                   " [auto: float32 off CUDA]")
+    return name + (" (auto: the reference tunes under bf16 autocast)" if dtype == "bfloat16" else
+                   " (auto: float32 off CUDA)")
 
 
 def _card(run: _Run, ema: GenerativeModel) -> str:
