@@ -6,9 +6,13 @@ and the loss is `uc.UCGMObjective` with the recipe's tuning settings. OUT is, at
 checkpoint in our format holding the EMA of the student, with the recipe's few_step_sampling
 settings as its config.json `sampling` defaults (folder layout: jobs/tune/checkpoints.py).
 
-Exactness: the data order is `data.batch_indices(seed, step)` and every random draw of
-micro-batch c of step s (t, z, anything the model draws) comes from the global RNG seeded with
-`chunk_seed(seed, s, c)`. So a run killed and resumed repeats the uninterrupted run bit for bit on
+Exactness: the data order is `data.batch_indices(seed, step)`, every random draw of micro-batch c
+of step s (t, z, any dropout layer) comes from the global RNG seeded with `chunk_seed(seed, s, c)`,
+and train-mode label dropout (LightningDiT) uses per-sample uniforms `data.label_draws(seed, s)`
+(one row for the student and its replayed forwards, one for the teacher, as the reference's
+train-mode teacher draws its own mask). The null-class rows are `data.chunk_drops`: rounded per
+`label_drop_group` rows of the global batch, so accumulation does not change them. So a run
+killed and resumed repeats the uninterrupted run bit for bit on
 the same machine, and a run on N processes matches the run on one: global batch B is cut into
 B / batch_size micro-batches ("chunks"); process r takes chunks r*A .. r*A+A-1 (A = accumulation
 steps) and the gradient is the mean over all chunks.
