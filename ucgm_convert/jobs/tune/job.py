@@ -12,10 +12,10 @@ and train-mode label dropout (LightningDiT) uses per-sample uniforms `data.label
 (one row for the student and its replayed forwards, one for the teacher, as the reference's
 train-mode teacher draws its own mask). The null-class rows are `data.chunk_drops`: rounded per
 `label_drop_group` rows of the global batch, so accumulation does not change them. So a run
-killed and resumed repeats the uninterrupted run bit for bit on
-the same machine, and a run on N processes matches the run on one: global batch B is cut into
-B / batch_size micro-batches ("chunks"); process r takes chunks r*A .. r*A+A-1 (A = accumulation
-steps) and the gradient is the mean over all chunks.
+killed and resumed repeats the uninterrupted run bit for bit on the same machine, and a run on N
+processes matches the run on one: global batch B is cut into B / batch_size micro-batches
+("chunks"); process r takes chunks r*A .. r*A+A-1 (A = accumulation steps) and the gradient is
+the mean over all chunks.
 """
 
 from __future__ import annotations
