@@ -135,7 +135,8 @@ class UCGMObjective:
         """The scalar loss for data x [B, ...] with labels y [B]; differentiable through model.
 
         `ndrop` overrides how many of the last labels become the null class (default
-        round(label_drop * B)); tuning passes each micro-batch its share of the process batch.
+        round(label_drop * B)); tuning passes each micro-batch its share of the rows dropped over the
+        global batch (`jobs/tune/data.chunk_drops`).
         With `mirror_time`, t is the objective's time s (noise at 1) and the network sees 1 - s.
         """
         batch = x.shape[0]
