@@ -101,7 +101,7 @@ def test_low_precision_autocast_runs(tiny_checkpoint: Path, tmp_path: Path) -> N
         (["--stochasticity", "lots"], "--stochasticity: expected a number in \\[0, 1\\] or 'auto'"),
         (["--cfg", "0"], "--cfg-scale: expected a number > 0"),
         (["--classes", "9"], "--classes: class ids must be in \\[0, 4\\]"),
-        (["--dtype", "float8"], "--dtype: expected one of 'float32', 'bfloat16', 'float16'"),
+        (["--dtype", "float8"], "--dtype: expected one of 'auto', 'float32', 'tf32', 'bfloat16', 'float16'"),
         (["--device", "toaster"], "--device: not a torch device"),
         (["--solver", "rk4"], "--solver: expected one of 'ucgm', 'multistep', 'multistep-pc'"),
         (["--solver", "multistep", "--order", "2"], "solver 'multistep' evaluates the model once per step: order must"),

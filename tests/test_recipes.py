@@ -85,11 +85,11 @@ TUNING = {
     "edm2-xxl": (0.5, 1.5, 5.0, 800, 1024, 0.0),
     "demo": (0.5, 1.3, 0.05, 100, 64, 0.1),
     "repa": (0.6, 1.7, 5.0, 800, 1024, 0.1),
-    "sit": (0.5, 2.0, 5.0, 800, 1024, 0.1),
-    "dit-256": (0.6, 2.0, 5.0, 800, 1024, 0.1),
-    "dit-512": (0.6, 2.0, 5.0, 800, 1024, 0.1),
+    "sit": (0.5, 1.7, 5.0, 800, 1024, 0.1),
+    "dit-256": (0.6, 1.7, 5.0, 800, 1024, 0.1),
+    "dit-512": (0.6, 1.7, 5.0, 800, 1024, 0.1),
 }
-FC_VS_FE = ("repa-e", "lightningdit", "ddt-256", "repa")  # the author's tuning files set enhanced_style fc-vs-fe
+FC_VS_FE = ("repa-e", "lightningdit", "ddt-256", "repa", "sit", "dit-256", "dit-512")  # the author's tuning files (sit, dit: repa's)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,10 +198,12 @@ def test_few_step_sampling_and_tuning(name: str) -> None:
     style = "fc-vs-fe" if name in FC_VS_FE else "fc-vs-xz"
     assert t.objective_kwargs() == {
         "consistency": 1.0, "enhanced": enhanced, "enhanced_style": style, "enhanced_range": (0.0, 0.75),
-        "frame": "noise-at-1" if name in FC_VS_FE else "transport",
+        "frame": "noise-at-1" if name in (*FC_VS_FE, "ddt-512") else "transport",
         "label_drop": label_drop,
         "huber_eps": huber, "cosine_loss": False, "weighting": "Cosine", "time_dist": (0.8, 1.0, 1.0),
     }
+    # The label drop is rounded per reference GPU batch (global_batch_size / its 8 GPUs) where it drops labels.
+    assert t.drop_group() == (batch // 8 if label_drop and name != "demo" else batch)
 
 
 def test_unpublished_tuning_is_marked_as_adapted() -> None:

@@ -131,7 +131,9 @@ def test_cli_run_writes_our_format_metrics_grids_and_few_step_defaults(setup: di
 
 def test_one_step_is_the_mean_over_chunks_of_the_objective(setup: dict[str, Path]) -> None:
     """The documented step: global batch -> chunks of --batch-size, each chunk's t/z from chunk_seed,
-    the UCGM objective per chunk (label drop per chunk), mean gradient, clip, RAdam; EMA decay 0."""
+    the UCGM objective per chunk, mean gradient, clip, RAdam; EMA decay 0. The label drop is rounded
+    over the global batch (round(0.25 * 8) = 2: the last two rows, both in chunk 1), not per chunk
+    (which dropped one row of each)."""
     out = setup["tmp"] / "out"
     tune(config(setup, out, steps=1, batch_size=4, ema_decay=0.0, label_drop=0.25))
     recipe = load_recipe(setup["recipe"])
@@ -148,7 +150,7 @@ def test_one_step_is_the_mean_over_chunks_of_the_objective(setup: dict[str, Path
     for c, chunk in enumerate(idx.view(2, 4)):
         torch.manual_seed(chunk_seed(0, 0, c))
         t, z = obj.sample_t(4), torch.randn(4, 3, 8, 8)
-        (obj(student, lat[chunk], labels[chunk], teacher=teacher, t=t, z=z) / 2).backward()
+        (obj(student, lat[chunk], labels[chunk], teacher=teacher, t=t, z=z, ndrop=2 * c) / 2).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.tuning.grad_clip)
     opt.step()
     assert metrics(out)[0]["grad_norm"] == pytest.approx(float(grad_norm), rel=1e-5)
@@ -268,7 +270,7 @@ def _bad_data(s: dict[str, Path], kind: str) -> Path:
         ("batch", r"--global-batch 8 is not divisible by --batch-size 3 x 1 process\(es\) = 3"),
         ("no-data", r"--data: pass a prepared latent folder"),
         ("existing-run", r"holds a previous tuning run \(checkpoints\); pass --resume to continue it, --overwrite"),
-        ("dtype", r"--dtype: expected one of 'float32', 'bfloat16', got 'float16' \(float16 would need loss scaling"),
+        ("dtype", r"--dtype: expected one of 'auto', 'float32', 'bfloat16', got 'float16' \(float16 would need loss scaling"),
         ("bad-override", r"--consistency: expected a number in \[0, 1\], got 2"),
     ],
 )

@@ -216,6 +216,36 @@ def parse_dtype(name: str, allowed: tuple[str, ...] = tuple(DTYPES), flag: str =
     return DTYPES[name]
 
 
+SAMPLE_DTYPES = ("auto", "float32", "tf32", "bfloat16", "float16")
+
+
+def sampling_dtype(name: str, device_type: str) -> str:
+    """The sampling precision `name` resolved for a device: auto is tf32 on CUDA (the reference samples
+    with torch.backends.cuda.matmul.allow_tf32 = True), float32 elsewhere; tf32 means float32 off CUDA."""
+    if name == "auto":
+        return "tf32" if device_type == "cuda" else "float32"
+    return "float32" if name == "tf32" and device_type != "cuda" else name
+
+
+def precision_label(resolved: str, requested: str) -> str:
+    """How a settings table names a sampling precision (and, for auto, why)."""
+    names = {"tf32": "float32 weights, TF32 matmuls", "float32": "float32",
+             "bfloat16": "bfloat16 autocast", "float16": "float16 autocast"}
+    why = {"tf32": " (auto: the reference samples with TF32)", "float32": " (auto: float32 off CUDA)"}
+    return names[resolved] + (why.get(resolved, "") if requested == "auto" else "")
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool = True) -> Iterator[None]:
+    """Within the block CUDA float32 matmuls and convolutions may use TF32 (restored after)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def default_device() -> str:
     """"cuda" when a GPU is usable, else "cpu" (decided when asked, never at import time)."""
     return "cuda" if torch.cuda.is_available() else "cpu"

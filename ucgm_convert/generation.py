@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UCGMError
-from .foundation import parse_dtype
+from .foundation import parse_dtype, tf32_matmuls
 from .guidance import guided
 from .model import GenerativeModel
 from .sampler import sample
@@ -44,11 +44,20 @@ def balanced_labels(num: int, classes: Sequence[int]) -> list[int]:
 
 
 def model_fn(model: GenerativeModel, settings: SamplingSettings, dtype: str = "float32") -> Callable[..., Tensor]:
-    """The network with guidance (when cfg_scale != 1), autocast (bfloat16 / float16) and row padding."""
-    autocast = parse_dtype(dtype)
+    """The network with guidance (when cfg_scale != 1), autocast (bfloat16 / float16) or TF32 matmuls
+    (tf32: float32 weights, as the reference samples) and row padding."""
     fn: Callable[..., Tensor] = model
     if settings.cfg_scale != 1.0:
         fn = guided(model, **settings.guidance_kwargs())
+    if dtype == "tf32":
+        plain_fn = fn
+
+        def tf32_fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+            with tf32_matmuls():
+                return plain_fn(x, t, y)
+
+        return row_padded(tf32_fn)
+    autocast = parse_dtype(dtype)
     if autocast == torch.float32:
         return row_padded(fn)
     device_type = model.device.type

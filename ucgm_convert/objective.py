@@ -156,8 +156,14 @@ class UCGMObjective:
         teacher: Model | None = None,
         t: Tensor | None = None,
         z: Tensor | None = None,
+        ndrop: int | None = None,
     ) -> Tensor:
-        """The scalar loss for data x [B, ...] with labels y [B]; differentiable through model."""
+        """The scalar loss for data x [B, ...] with labels y [B]; differentiable through model.
+
+        `ndrop` overrides how many of the last labels become the null class (default
+        round(label_drop * B)); tuning passes each micro-batch its share of the rows dropped over the
+        global batch (`jobs/tune/data.chunk_drops`).
+        """
         batch = x.shape[0]
         if t is None:
             t = self.sample_t(batch, x.device)
@@ -171,7 +177,8 @@ class UCGMObjective:
             model, teacher = _MirroredNet(model), (_MirroredNet(teacher) if teacher is not None else None)
         t_flat = t.to(x)
         t = t_flat.view((batch,) + (1,) * (x.ndim - 1))
-        ndrop = self.num_dropped(batch)
+        ndrop = self.num_dropped(batch) if ndrop is None else int(ndrop)
+        _require(0 <= ndrop <= batch, f"ndrop must be in [0, {batch}], got {ndrop}")
         y = y.clone()
         if ndrop:
             y[batch - ndrop :] = self.num_classes
@@ -208,15 +215,20 @@ class UCGMObjective:
         dent: Tensor,
         ndrop: int,
     ) -> Tensor:
-        """The no-grad target of the enhanced and consistency branches."""
+        """The no-grad target of the enhanced and consistency branches.
+
+        As the reference: the forwards of the online model replay the RNG of its first forward (same
+        dropout); the teacher's conditional forward of fc-vs-xz does not (a fresh draw, as LINs-lab/UCGM's
+        train-mode teacher); fc-vs-fe replays before each teacher forward, as cccvs/UCGM."""
         tr = self._tr
         t_flat = t.flatten()
         lo, hi = self.enhanced_range
         inside = (t_flat > lo) & (t_flat < hi)
         x_tar, z_tar = x, z
 
-        def predict(net: Model, x_in: Tensor, t_in: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-            with replay():
+        def predict(net: Model, x_in: Tensor, t_in: Tensor, labels: Tensor, same_draws: bool = True
+                    ) -> tuple[Tensor, Tensor]:
+            with replay() if same_draws else contextlib.nullcontext():
                 f = net(x_in, t_in.flatten(), labels)
             return tr.predictions(x_in, f, t_in)
 
@@ -258,7 +270,7 @@ class UCGMObjective:
         """((x, z) conditional, (x, z) reference) predictions of `enhanced_style` (module doc)."""
         null = torch.full_like(y, self.num_classes)
         if self.enhanced_style == "fc-vs-xz":
-            return predict(teacher, x_t, t, y), (x, z)
+            return predict(teacher, x_t, t, y, same_draws=False), (x, z)
         if self.enhanced_style == "ft-vs-fe":
             return self._tr.predictions(x_t, f_t, t), predict(teacher, x_t, t, null)
         if _has_active_dropout(teacher):  # fc-vs-fe, two replayed forwards: the same masks as the reference
@@ -300,10 +312,13 @@ class _MirroredNet:
 
 
 def _has_active_dropout(model: Model) -> bool:
-    """True for a module in training mode with a dropout layer of p > 0."""
+    """True for a module in training mode whose forward draws random numbers: a dropout layer of p > 0,
+    or a submodule whose `draws_randomly()` says so (train-mode label dropout without given draws)."""
     model = model.net if isinstance(model, _MirroredNet) else model
     return isinstance(model, torch.nn.Module) and model.training and any(
-        isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()
+        (isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0)
+        or bool(getattr(m, "draws_randomly", lambda: False)())
+        for m in model.modules()
     )
 
 

@@ -17,7 +17,7 @@ from pydantic import BeforeValidator, Field
 
 from ..console import SILENT, Reporter
 from ..errors import UCGMError
-from ..foundation import DTYPES, output_folder, resolve_device
+from ..foundation import SAMPLE_DTYPES, output_folder, precision_label, resolve_device, sampling_dtype
 from ..generation import balanced_labels, batches, generate_batch
 from ..images import save_grid, save_npz
 from ..settings import SamplingSettings
@@ -60,8 +60,9 @@ class SampleConfig(Settings):
                             "--out.")
     device: str | None = Field(default=None, description="Torch device (cpu, cuda, cuda:N). Default: cuda if "
                                "available, else cpu.")
-    dtype: choice(*DTYPES) = Field(default="float32", description="Network precision: float32, or bfloat16 / "  # type: ignore[valid-type]
-                                   "float16 autocast.")
+    dtype: choice(*SAMPLE_DTYPES) = Field(default="auto", description="Network precision: float32, tf32 (float32 "  # type: ignore[valid-type]
+                                          "weights, TF32 matmuls on CUDA), or bfloat16 / float16 autocast. auto: tf32 "
+                                          "on CUDA (the reference samples with TF32), float32 elsewhere.")
 
 
 @dataclass
@@ -89,6 +90,7 @@ def run(config: SampleConfig, reporter: Reporter = SILENT) -> SampleResult:
     """Sample `config.num` images with UCGM-S and write them (npz + grid) to `config.out` atomically."""
     out = output_folder(config.out, OUTPUTS, "sample run", overwrite=config.overwrite)
     device = resolve_device(config.device)
+    dtype = sampling_dtype(config.dtype, device.type)
     resolved = resolve(config.source, config.arch, device)
     model = resolved.model
     settings = resolved.sampling_with(config.sampling)
@@ -98,7 +100,7 @@ def run(config: SampleConfig, reporter: Reporter = SILENT) -> SampleResult:
         **settings.to_dict(),
         "model": f"{model.family} ({model.cfg.arch}, {model.transport.name})",
         "num / batch size / seed": f"{config.num} / {config.batch_size} / {config.seed}",
-        "device / dtype": f"{device} / {config.dtype}",
+        "device / dtype": f"{device} / {precision_label(dtype, config.dtype)}",
         "NFE per sample": settings.nfe_label,
     })
     parts: list[np.ndarray] = []
@@ -109,7 +111,7 @@ def run(config: SampleConfig, reporter: Reporter = SILENT) -> SampleResult:
                 bar.update(task, step=f"step {i + 1}")
 
             _, images = generate_batch(model, settings, [labels[i] for i in index_range], index_range, config.seed,
-                                       config.dtype, on_step, vae_module)
+                                       dtype, on_step, vae_module)
             parts.append(images.numpy())
             bar.advance(task, len(index_range))
     images = np.concatenate(parts)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -40,15 +42,51 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class embedding table with one extra row, the null class (= num_classes) for guidance."""
+    """Class embedding table with one extra row, the null class (= num_classes) for guidance.
 
-    def __init__(self, num_classes: int, hidden_size: int) -> None:
+    With dropout_prob p > 0, in train mode only (as upstream's token_drop), label i becomes the null
+    class when u_i < p: u are the per-sample uniforms given by `label_dropout_draws` (tiled over a
+    batch that stacks several copies), else torch.rand from the global RNG. Eval mode never drops.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= dropout_prob <= 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1], got {dropout_prob}")
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
         self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.draws: Tensor | None = None
+
+    def draws_randomly(self) -> bool:
+        """True when a train-mode forward would draw its dropout mask from the global RNG."""
+        return self.training and self.dropout_prob > 0 and self.draws is None
 
     def forward(self, labels: Tensor) -> Tensor:
+        if self.training and self.dropout_prob > 0:
+            n = labels.shape[0]
+            if self.draws is None:
+                u = torch.rand(n, device=labels.device)
+            elif n % len(self.draws) == 0:
+                u = self.draws.to(labels.device).repeat(n // len(self.draws))
+            else:
+                raise ValueError(f"label dropout: {len(self.draws)} draws do not tile a batch of {n}")
+            labels = torch.where(u < self.dropout_prob, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)
+
+
+@contextlib.contextmanager
+def label_dropout_draws(net: nn.Module, draws: Tensor) -> Iterator[None]:
+    """Within the block, every label embedder of `net` drops label i when draws[i] < its dropout_prob
+    (per-sample uniforms, so the mask depends on the sample, not on the batch layout)."""
+    embedders = [m for m in net.modules() if isinstance(m, LabelEmbedder)]
+    for m in embedders:
+        m.draws = draws
+    try:
+        yield
+    finally:
+        for m in embedders:
+            m.draws = None
 
 
 def sincos_1d(dim: int, positions: Tensor) -> Tensor:

@@ -70,13 +70,22 @@ class MPFourier(nn.Module):
 
 
 class MPConv(nn.Module):
-    """Magnitude-preserving conv / linear (eqs. 47, 66): weight w_i / ||w_i|| * gain / sqrt(fan_in)."""
+    """Magnitude-preserving conv / linear (eqs. 47, 66): weight w_i / ||w_i|| * gain / sqrt(fan_in).
+
+    In a train-mode forward with gradients the stored weight is first replaced by its normalised
+    value (forced weight normalisation, eq. 66, as upstream's and the UCGM reference's train mode):
+    the output is unchanged and the gradient's scale (1 / ||w||) stays that of unit-norm weights.
+    No-grad forwards (UCGM-T's extra forwards) leave it alone: an in-place write there would
+    invalidate the graph of the gradient forward before its backward."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int]) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
 
     def forward(self, x: Tensor, gain: Tensor | float = 1.0) -> Tensor:
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                self.weight.copy_(normalize(self.weight.float()))
         w = normalize(self.weight.float())
         w = (w * (gain / math.sqrt(w[0].numel()))).to(x.dtype)
         if w.ndim == 2:

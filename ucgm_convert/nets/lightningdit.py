@@ -109,6 +109,8 @@ class LightningDiT(nn.Module):
     shapes rebuild exactly. With learn_sigma the net has 2C outputs and returns the first C.
     `norm_weights=False` makes every RMSNorm parameter-free: UCGM's TiT (networks/tit.py) is this network
     with use_qknorm and weightless RMSNorms.
+    class_dropout_prob: in train mode labels are dropped to the null class with this probability
+    (upstream's and the UCGM reference's default 0.1); eval mode is unaffected.
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class LightningDiT(nn.Module):
         wo_shift: bool = False,
         learn_sigma: bool = False,
         norm_weights: bool = True,
+        class_dropout_prob: float = 0.1,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -135,7 +138,7 @@ class LightningDiT(nn.Module):
         self.patch_size = patch_size
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         grid = input_size // patch_size
         self.pos_embed = nn.Parameter(sincos_2d(hidden_size, grid).unsqueeze(0), requires_grad=False)
         self.feat_rope = AxialRoPE(hidden_size // num_heads, grid) if use_rope else None

@@ -37,6 +37,12 @@ class TuningSettings(Settings):
     huber_eps: Float = Field(ge=0.0, description="Pseudo-Huber c (>= 0; 0 = L2).")
     label_drop: Float = Field(default=0.1, ge=0.0, le=1.0,
                               description="Fraction of labels dropped to the null class.")
+    label_drop_group: Int | None = Field(
+        default=None, ge=1, description="Rows over which label-drop is rounded: the last round(label-drop x G) "
+        "rows of every G consecutive rows of the global batch (of a last, shorter group: round(label-drop x its "
+        "size)) get the null class, whatever the micro-batches and processes. Default: the global batch (one "
+        "group). The reference rounds per GPU batch (1024 over 8 GPUs: 13 of every 128); its models' recipes set "
+        "that.")
     time_beta: floats(3, at.Gt(0.0)) = Field(  # type: ignore[valid-type]
         default=(0.8, 1.0, 1.0), description="'a,b,scale': training times t ~ Beta(a, b) x scale, clamped to [0, 1].")
     weighting: Annotated[choice("Cosine", "none"), BeforeValidator(lambda v: "none" if v is None else v)] = Field(  # type: ignore[valid-type]
@@ -52,6 +58,10 @@ class TuningSettings(Settings):
         "consistency", "enhanced", "enhanced_style", "frame", "enhanced_range", "label_drop", "huber_eps",
         "cosine_loss", "weighting",
     )
+
+    def drop_group(self) -> int:
+        """G of `label_drop_group`, its default (the global batch) resolved."""
+        return self.label_drop_group if self.label_drop_group is not None else self.global_batch
 
     def objective_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `uc.UCGMObjective` except transport and num_classes."""

@@ -25,7 +25,7 @@ from ... import distributed
 from ...checkpoint import RESULTS_NAME
 from ...console import SILENT, Reporter
 from ...formats.statedict import state_sha256
-from ...foundation import DTYPES, output_folder, resolve_device
+from ...foundation import SAMPLE_DTYPES, output_folder, precision_label, resolve_device, sampling_dtype
 from ...generation import batches, generate_batch
 from ...metrics.extract import Extractors, load_extractors
 from ...metrics.reference import ReferenceSet, load_reference_set
@@ -72,8 +72,10 @@ class EvalConfig(Settings):
     overwrite: Bool = Field(default=False, description="Start over in --out, deleting a previous evaluation there.")
     device: str | None = Field(default=None, description="Torch device (under torchrun: cuda uses cuda:LOCAL_RANK). "
                                "Default: cuda if available, else cpu.")
-    dtype: choice(*DTYPES) = Field(default="float32", description="Network precision: float32, or bfloat16 / "  # type: ignore[valid-type]
-                                   "float16 autocast. Inception and DINOv2 always run in float32.")
+    dtype: choice(*SAMPLE_DTYPES) = Field(default="auto", description="Network precision: float32, tf32 (float32 "  # type: ignore[valid-type]
+                                          "weights, TF32 matmuls on CUDA), or bfloat16 / float16 autocast. auto: tf32 "
+                                          "on CUDA (the reference samples with TF32), float32 elsewhere. Inception "
+                                          "and DINOv2 always run in float32.")
     save_images: Bool = Field(default=False, description="Also write OUT/images/XXXXXX.png.")
     save_npz: Bool = Field(default=False, description="Also write OUT/samples.npz for the ADM evaluator (arr_0 uint8 "
                            "NHWC, arr_1 labels).")
@@ -161,6 +163,8 @@ def _fingerprint(config: EvalConfig, model: Any, settings: SamplingSettings, has
 
 def _run(config: EvalConfig, ctx: distributed.Context, reporter: Reporter) -> dict[str, Any] | None:
     out = config.out
+    precision = precision_label(sampling_dtype(config.dtype, ctx.device.type), config.dtype)
+    config = config.replace(dtype=sampling_dtype(config.dtype, ctx.device.type))  # the fingerprint: what ran
     if ctx.is_main:
         output_folder(out, OWNED, "evaluation", overwrite=config.overwrite, resume=True)
         if config.overwrite:
@@ -180,7 +184,7 @@ def _run(config: EvalConfig, ctx: distributed.Context, reporter: Reporter) -> di
         **settings.to_dict(),
         "model": f"{model.family} ({model.cfg.arch}, {model.transport.name})",
         "num / chunk / batch size / seed": f"{config.num} / {config.chunk_size} / {config.batch_size} / {config.seed}",
-        "processes / device / dtype": f"{ctx.world_size} / {ctx.device} / {config.dtype}",
+        "processes / device / dtype": f"{ctx.world_size} / {ctx.device} / {precision}",
         "NFE per sample": settings.nfe_label,
         "metrics / uint8": f"{','.join(metrics)} / {uint8} ({origin})",
         "reference": f"{reference.path} ({reference.format})",

@@ -15,7 +15,7 @@ from ...settings.base import Bool, Hint, Int, Settings, choice
 from ..source import ArchOverrides, ModelSource, TuningOverrides
 from .data import DEMO_SIZE
 
-TRAIN_DTYPES = ("float32", "bfloat16")
+TRAIN_DTYPES = ("auto", "float32", "bfloat16")
 _FLOAT16 = Hint(lambda v: v == "float16", "float16 would need loss scaling; use bfloat16")
 
 
@@ -33,10 +33,13 @@ class TuneConfig(Settings):
                                    "smaller than global-batch / processes means gradient accumulation. Default: "
                                    "global-batch / processes.")
     dtype: Annotated[choice(*TRAIN_DTYPES), _FLOAT16] = Field(  # type: ignore[valid-type]
-        default="float32", description="Training precision: float32, or bfloat16 autocast (weights and optimizer "
-                                       "stay float32).")
+        default="auto", description="Training precision: float32, or bfloat16 autocast (weights and optimizer "
+                                    "stay float32). auto: bfloat16 on CUDA (the reference tunes under bf16 autocast), "
+                                    "float32 on CPU.")
     grad_checkpointing: Bool = Field(default=False, description="Recompute each transformer block in backward (less "
                                      "memory).")
+    max_skipped: Int = Field(default=10, ge=1, le=1_000_000, description="Steps with a non-finite gradient are "
+                             "skipped (no update) and counted; this many in a row stop the run.")
     save_every: Int = Field(default=100, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: Int = Field(default=2, ge=0, description="Checkpoints kept (newest; 0 = all).")
     sample_every: Int = Field(default=100, ge=0, description="PNG grid of few-step samples from fixed noise every N "
@@ -60,6 +63,13 @@ class TuneConfig(Settings):
     def model_post_init(self, context: object) -> None:
         if str(self.out).strip() in ("", "."):
             raise SettingsError(("out",), "expected an output folder of its own (not '' or '.')")
+
+
+def train_dtype(dtype: str, device_type: str) -> str:
+    """The training precision `dtype` ("auto" resolved: bfloat16 on CUDA as the reference, else float32)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device_type == "cuda" else "float32"
 
 
 def effective_recipe(recipe: Recipe, overrides: Settings) -> Recipe:

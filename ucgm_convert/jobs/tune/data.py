@@ -116,3 +116,24 @@ def chunk_seed(seed: int, step: int, chunk: int) -> int:
     """The RNG seed of micro-batch `chunk` of step `step` (0-based): t, z and any dropout."""
     state = np.random.SeedSequence([int(seed), int(step), int(chunk), 0x0CC7]).generate_state(2, dtype=np.uint64)
     return int(state[0] >> np.uint64(1))
+
+
+def chunk_drops(global_batch: int, group: int, label_drop: float, micro: int) -> list[int]:
+    """Null-class rows of each micro-batch: of every `group` consecutive rows of the global batch (a
+    last group may be shorter) the last round(label_drop * size) are dropped (the reference's count
+    per process batch), and each micro-batch drops as many rows, at its end, as it holds of those
+    (exact positions when micro divides group). So the count depends on neither accumulation nor
+    the process count."""
+    pos = torch.arange(global_batch)
+    size = torch.clamp(global_batch - (pos // group) * group, max=group)
+    keep = size - torch.tensor([round(label_drop * int(n)) for n in size.tolist()])
+    dropped = (pos % group) >= keep
+    return [int(n) for n in dropped.view(-1, micro).sum(dim=1)]
+
+
+def label_draws(seed: int, step: int, global_batch: int) -> Tensor:
+    """[2, B] uniforms of step `step`: per-sample train-mode label dropout of the student (row 0: its
+    forward and the replayed forwards) and of the teacher (row 1: a fresh mask, as the reference)."""
+    state = np.random.SeedSequence([int(seed), int(step), 0x1AB3]).generate_state(2, dtype=np.uint64)
+    gen = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+    return torch.rand((2, global_batch), generator=gen)

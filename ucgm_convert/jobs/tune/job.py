@@ -6,12 +6,16 @@ and the loss is `uc.UCGMObjective` with the recipe's tuning settings. OUT is, at
 checkpoint in our format holding the EMA of the student, with the recipe's few_step_sampling
 settings as its config.json `sampling` defaults (folder layout: jobs/tune/checkpoints.py).
 
-Exactness: the data order is `data.batch_indices(seed, step)` and every random draw of
-micro-batch c of step s (t, z, anything the model draws) comes from the global RNG seeded with
-`chunk_seed(seed, s, c)`. So a run killed and resumed repeats the uninterrupted run bit for bit on
-the same machine, and a run on N processes matches the run on one: global batch B is cut into
-B / batch_size micro-batches ("chunks"); process r takes chunks r*A .. r*A+A-1 (A = accumulation
-steps) and the gradient is the mean over all chunks.
+Exactness: the data order is `data.batch_indices(seed, step)`, every random draw of micro-batch c
+of step s (t, z, any dropout layer) comes from the global RNG seeded with `chunk_seed(seed, s, c)`,
+and train-mode label dropout (LightningDiT) uses per-sample uniforms `data.label_draws(seed, s)`
+(one row for the student and its replayed forwards, one for the teacher, as the reference's
+train-mode teacher draws its own mask). The null-class rows are `data.chunk_drops`: rounded per
+`label_drop_group` rows of the global batch, so accumulation does not change them. So a run
+killed and resumed repeats the uninterrupted run bit for bit on the same machine, and a run on N
+processes matches the run on one: global batch B is cut into B / batch_size micro-batches
+("chunks"); process r takes chunks r*A .. r*A+A-1 (A = accumulation steps) and the gradient is
+the mean over all chunks.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from ...recipe import Recipe
 from ...settings import SamplingSettings, TuningSettings
 from ..source import resolve
 from . import checkpoints as ckpt
-from .config import TuneConfig, batch_layout, check_family, effective_recipe
+from .config import TuneConfig, batch_layout, check_family, effective_recipe, train_dtype
 from .data import DEMO, Dataset, check_against_model, epochs_seen, open_dataset
 from .parallel import Parallel, all_ok, blocks_of, checkpoint_blocks
 from .trainer import Trainer, TuneDiverged
@@ -73,6 +77,7 @@ class _Run:
     micro: int
     accum: int
     vae_module: torch.nn.Module | None
+    auto_dtype: bool = False
 
 
 def run(config: TuneConfig, reporter: Reporter = SILENT) -> TuneResult:
@@ -120,9 +125,10 @@ def _preflight(config: TuneConfig, ctx: distributed.Context, reporter: Reporter)
         except UCGMError as err:
             reporter.note(f"no sample grids: {err}")
             config = config.replace(sample_every=0)
-    config = config.replace(data=data_name)
+    auto_dtype = config.dtype == "auto"
+    config = config.replace(data=data_name, dtype=train_dtype(config.dtype, ctx.device.type))
     return _Run(config, ctx, recipe, recipe.tuning, recipe.few_step_sampling, resolved.source, model, data, micro,
-                accum, vae_module)
+                accum, vae_module, auto_dtype)
 
 
 def _trainable_names(model: GenerativeModel) -> set[str]:
@@ -144,7 +150,8 @@ def _models(run: _Run) -> tuple[GenerativeModel, GenerativeModel | None, Generat
     """(student, frozen teacher or None, EMA): copies made before the student is patched."""
     model = run.model
     trainable = _trainable_names(model)
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if run.tuning.teacher == "frozen" else None
+    # In train mode, as the reference's teacher: train-mode label dropout with its own mask (nets/blocks.py).
+    teacher = copy.deepcopy(model).train().requires_grad_(False) if run.tuning.teacher == "frozen" else None
     if teacher is not None:
         teacher.vae_state = None  # the EMA copy keeps the VAE weights stored with the model
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -174,14 +181,15 @@ def _canonical(source: str | None) -> str | None:
 
 
 def _resume(run: _Run, student: GenerativeModel, ema: GenerativeModel, reporter: Reporter
-            ) -> tuple[int, dict[str, Any] | None, float]:
-    """(start step, optimizer state, elapsed seconds) of the newest intact checkpoint; (0, None, 0) if none."""
+            ) -> tuple[int, dict[str, Any] | None, float, int]:
+    """(start step, optimizer state, elapsed seconds, skipped steps) of the newest intact checkpoint;
+    (0, None, 0, 0) if none."""
     out = run.config.out
     found = ckpt.newest_intact(out, reporter) if run.config.resume else None
     if found is None:
         if run.config.resume:
             reporter.note(f"--resume: no checkpoint in {out}; starting from step 0")
-        return 0, None, 0.0
+        return 0, None, 0.0, 0
     folder, state, ema_state = found
     fingerprint = _fingerprint(run)
     changed = [f"{k}: the run used {state['fingerprint'].get(k)!r}, now {v!r}"
@@ -197,7 +205,7 @@ def _resume(run: _Run, student: GenerativeModel, ema: GenerativeModel, reporter:
     torch.set_rng_state(state["rng"]["cpu"])
     if torch.cuda.is_available() and state["rng"].get("cuda"):
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return start, state["optimizer"], float(state.get("elapsed", 0.0))
+    return start, state["optimizer"], float(state.get("elapsed", 0.0)), int(state.get("skipped_steps", 0))
 
 
 def _grid(run: _Run, ema: GenerativeModel, step: int) -> None:
@@ -222,16 +230,27 @@ def _summary(run: _Run, parallel: Parallel, trainer: Trainer, start: int) -> dic
         "optimizer": f"{t.optimizer}, lr {t.lr:g}, betas {list(t.betas)}, weight decay {t.weight_decay:g}, "
                      f"grad clip {t.grad_clip:g}",
         "objective": f"consistency {t.consistency:g}, enhanced {t.enhanced:g} ({t.enhanced_style}, frame {t.frame}) on "
-                     f"{list(t.enhanced_range)}, huber eps {t.huber_eps:g}, label drop {t.label_drop:g}, time beta "
-                     f"{list(t.time_beta)}, weighting {t.weighting}, teacher {t.teacher}",
+                     f"{list(t.enhanced_range)}, huber eps {t.huber_eps:g}, label drop {t.label_drop:g} (rounded per "
+                     f"{t.drop_group()} rows), time beta {list(t.time_beta)}, weighting {t.weighting}, teacher "
+                     f"{t.teacher}",
         "forwards": f"per sample and step: 1 with gradient + {trainer.objective.no_grad_forwards} without",
         "EMA decay": f"{t.ema_decay:g}",
-        "precision": f"{c.dtype}{' + activation checkpointing' if c.grad_checkpointing else ''} on {run.ctx.device}",
+        "precision": f"{_precision(c.dtype, run.auto_dtype)}"
+                     f"{' + activation checkpointing' if c.grad_checkpointing else ''} on {run.ctx.device}",
         "few-step sampler": f"{run.few_step.steps} steps, stochasticity {run.few_step.stochasticity}, gaps "
                             f"{list(run.few_step.gaps)}",
         "output": f"{c.out} (checkpoints every {c.save_every or t.steps} steps, grids every "
                   f"{c.sample_every or 'never'})",
     }
+
+
+def _precision(dtype: str, auto: bool) -> str:
+    """How the summary names the training precision (and, for --dtype auto, why)."""
+    name = "bfloat16 autocast (float32 weights and optimizer)" if dtype == "bfloat16" else "float32"
+    if not auto:
+        return name
+    return name + (" (auto: the reference tunes under bf16 autocast)" if dtype == "bfloat16" else
+                   " (auto: float32 off CUDA)")
 
 
 def _card(run: _Run, ema: GenerativeModel) -> str:
@@ -253,14 +272,14 @@ def _tune(config: TuneConfig, ctx: distributed.Context, reporter: Reporter) -> T
     if ctx.is_main and config.overwrite and not config.resume:
         ckpt.clear_run(out)
     student, teacher, ema = _models(run_)
-    start, optimizer_state, elapsed = _resume(run_, student, ema, reporter)
+    start, optimizer_state, elapsed, skipped = _resume(run_, student, ema, reporter)
     if config.fsdp and not ctx.distributed:
         reporter.note("--fsdp: only one process, nothing to shard; training unsharded (launch with --nproc N or "
                       "torchrun to shard)")
     tuning = run_.tuning
     parallel = Parallel(ctx, student, teacher,
                         lambda params: getattr(torch.optim, tuning.optimizer)(params, **tuning.optimizer_kwargs()),
-                        optimizer_state, config.fsdp, config.dtype)
+                        optimizer_state, config.fsdp, run_.config.dtype)
     metrics = out / ckpt.METRICS_NAME
     if ctx.is_main:
         ckpt.clean_partials(out)
@@ -269,7 +288,8 @@ def _tune(config: TuneConfig, ctx: distributed.Context, reporter: Reporter) -> T
         else:
             metrics.unlink(missing_ok=True)
     trainer = Trainer(run_.data, tuning, UCGMObjective(**run_.recipe.objective_kwargs()), parallel, ema,
-                      run_.micro, run_.accum, config.seed)
+                      run_.micro, run_.accum, config.seed, config.max_skipped)
+    trainer.skipped = skipped
     if ctx.is_main:
         reporter.table(f"UCGM-T tuning (recipe {run_.recipe.name}; flags override)",
                        _summary(run_, parallel, trainer, start))
@@ -281,7 +301,8 @@ def _tune(config: TuneConfig, ctx: distributed.Context, reporter: Reporter) -> T
         if final is None or ckpt.step_of(final) != tuning.steps:
             final = _save(run_, trainer, ema, tuning.steps, elapsed)
         ckpt.copy_final(out, final)
-        reporter.info(f"tuned model ({run_.few_step.steps}-step sampler by default): {out}")
+        reporter.info(f"tuned model ({run_.few_step.steps}-step sampler by default): {out}; {trainer.skipped} "
+                      "step(s) skipped for a non-finite gradient")
     distributed.barrier(ctx)
     return TuneResult(out, tuning.steps, last, trainer.skipped)
 

@@ -133,6 +133,7 @@ class Parallel:
         grad_forward, plain_forward = autocast(ddp, ctx.device, dtype), autocast(student, ctx.device, dtype)
         self.online: Forward = lambda x, t, y: (grad_forward if torch.is_grad_enabled() else plain_forward)(x, t, y)
         self.teacher: Forward | None = autocast(teacher, ctx.device, dtype) if teacher is not None else None
+        self.teacher_module = teacher
 
     @property
     def mode(self) -> str:
