@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import sigkill_when, tiny_model
+from conftest import sigkill_when, single_thread, tiny_model
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -49,12 +49,7 @@ NUM, CHUNK = 10, 2  # 5 chunks of 2 samples, 2 per class
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_inception_weights(path: Path, seed: int = 0) -> Path:
@@ -89,17 +84,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     for i in range(4):
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(noise / f"{i}.png")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         result = runner.invoke(app, ["eval", "ref", str(noise), "--out", str(root / "ref.npz"), "--device", "cpu",
                                      "--inception-weights", str(weights)])
         assert result.exit_code == 0, result.output
         base = root / "base"
         result = runner.invoke(app, fid_args(ckpt, root / "ref.npz", weights, base, "--save-images", "--save-npz"))
         assert result.exit_code == 0, result.output
-    finally:
-        torch.set_num_threads(threads)
     return {"root": root, "weights": weights, "ckpt": ckpt, "ref": root / "ref.npz", "base": base}
 
 

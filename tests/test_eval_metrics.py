@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import sigkill_when, tiny_model
+from conftest import sigkill_when, single_thread, tiny_model
 from frechet_direct import direct_fd_low_rank
 from PIL import Image
 from scipy.spatial.distance import cdist
@@ -46,12 +46,7 @@ ALL = "fid,is,sfid,prec,rec,fd_dinov2"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "160"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fid_args(m: dict[str, Path], out: Path, *extra: str) -> list[str]:
@@ -78,16 +73,12 @@ def m(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     np.savez(root / "batch.npz", arr_0=images)
     paths = {"root": root, "inception": inception, "dinov2": dinov2, "ckpt": ckpt, "ref": root / "ref.npz",
              "base": root / "base"}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         result = runner.invoke(app, ["eval", "ref", str(root / "batch.npz"), "--out", str(paths["ref"]), "--device",
                                      "cpu", "--inception-weights", str(inception), "--dinov2-weights", str(dinov2)])
         assert result.exit_code == 0, result.output
         result = runner.invoke(app, fid_args(paths, paths["base"], "--metrics", ALL, "--save-npz"))
         assert result.exit_code == 0, result.output
-    finally:
-        torch.set_num_threads(threads)
     return paths
 
 
