@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ucgm_convert.adapters.common import (
-    SD_VAE,
+    SD_VAE_DEFAULTS,
     block_count,
     dit_style_model,
     dit_style_state,
@@ -108,5 +108,5 @@ FAMILY = Family(
     dataset=IMAGENET,
     default_recipe="repa",
     overrides=OVERRIDES,
-    vae_defaults={k: v for k, v in SD_VAE.items() if k != "source"},
+    vae_defaults=SD_VAE_DEFAULTS,
 )
