@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ucgm_convert.adapters.family import PASS_HEADS
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.formats.statedict import load_state_dict_strict
-from ucgm_convert.formats.torch_files import read_torch, tensor_dict
+from ucgm_convert.formats.torch_files import is_torch_zip, read_torch, tensor_dict
 from ucgm_convert.model import GenerativeModel, ModelConfig
 from ucgm_convert.nets.sit import SiT
 
@@ -287,13 +287,22 @@ def plain_dit_kind(path: Path, obj: Any) -> str | None:
     return "SiT" if name.startswith("sit") else "DiT" if name.startswith("dit") else ""
 
 
+def probe_torch(path: Path, zip_only: bool = False) -> Any:
+    """What a detect() looks at: the object a torch file holds, None where `path` does not load as one
+    (with `zip_only`, also where it is not a torch zip, e.g. a legacy pickle)."""
+    if zip_only and not is_torch_zip(path):
+        return None
+    try:
+        return read_torch(path)
+    except UCGMError:
+        return None
+
+
 def is_plain_dit(path: Path, kind: str) -> bool:
     """`path` is a plain DiT-style file that args.model or its name says is a `kind` ("DiT" / "SiT"), or
     that nothing says is the other one."""
-    try:
-        return plain_dit_kind(path, read_torch(path)) in (kind, "")
-    except UCGMError:
-        return False
+    obj = probe_torch(path)
+    return obj is not None and plain_dit_kind(path, obj) in (kind, "")
 
 
 def load_plain_dit(path: Path, overrides: Mapping[str, Any], *, kind: str, family: str, model: str,
