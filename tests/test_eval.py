@@ -221,20 +221,24 @@ def test_two_processes_give_bit_identical_features_and_numbers(env: dict[str, Pa
     assert_same_features(out, env["base"])
 
 
+def kill_9_then_resume(args: list[str], out: Path, chunks: int, env: dict[str, str], timeout: float) -> None:
+    """Run `ucgm <args>` in a subprocess, kill -9 it once a feature chunk of `out` is on disk, then resume in
+    this process; the chunks that survived must be reused as they are (not recomputed)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ucgm_convert", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    features = out / "features"
+    sigkill_when(proc, lambda: features.is_dir() and len(list(features.glob("chunk-*.npz"))) >= 1, timeout=timeout)
+    survivors = {p.name: p.stat().st_mtime_ns for p in features.glob("chunk-*.npz")}
+    assert 1 <= len(survivors) < chunks and not (out / "results.json").exists()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert {n: (features / n).stat().st_mtime_ns for n in survivors} == survivors
+
 @pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_numbers(env: dict[str, Path]) -> None:
     out = env["root"] / "killed"
     args = fid_args(env["ckpt"], env["ref"], env["weights"], out)
-    proc = subprocess.Popen([sys.executable, "-m", "ucgm_convert", *args], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    features = out / "features"
-    sigkill_when(proc, lambda: features.is_dir() and len(list(features.glob("chunk-*.npz"))) >= 1, timeout=300)
-    survivors = {p.name: p.stat().st_mtime_ns for p in features.glob("chunk-*.npz")}
-    assert 1 <= len(survivors) < NUM // CHUNK and not (out / "results.json").exists()
-
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    assert {n: (features / n).stat().st_mtime_ns for n in survivors} == survivors  # reused, not recomputed
+    kill_9_then_resume(args, out, NUM // CHUNK, ENV, timeout=300)
     assert numbers(out) == numbers(env["base"])
     assert_same_features(out, env["base"])
     labels = np.concatenate([chunk(out, k)["labels"] for k in range(NUM // CHUNK)])
