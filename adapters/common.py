@@ -305,14 +305,15 @@ def is_plain_dit(path: Path, kind: str) -> bool:
     return obj is not None and plain_dit_kind(path, obj) in (kind, "")
 
 
-def load_plain_dit(path: Path, overrides: Mapping[str, Any], *, kind: str, family: str, model: str,
-                   transport: str, recipe: str | Mapping[int, str], released_path: tuple[str, str] | None,
-                   device: torch.device | str, dtype: torch.dtype) -> GenerativeModel:
+def load_plain_dit(path: Path, overrides: Mapping[str, Any], accepted: tuple[str, ...], *, kind: str, family: str,
+                   model: str, transport: str, recipe: str | Mapping[int, str],
+                   released_path: tuple[str, str] | None, device: torch.device | str,
+                   dtype: torch.dtype) -> GenerativeModel:
     """A DiT / SiT release or train.py container: its EMA weights as a SiT network on SD-VAE latents (a learned
     sigma's channels dropped), the first 3 latent channels guided; `released_path` (path_type, prediction)
-    refuses a train.py container trained for another transport. Only num_heads may be overridden."""
+    refuses a train.py container trained for another transport; `accepted`: the family's override names."""
     path = Path(path)
-    overrides = given_overrides(path, overrides, ("num_heads",), kind)
+    overrides = given_overrides(path, overrides, accepted, kind)
     obj = read_torch(path)
     weights, where = sampling_weights(obj)
     args = saved_args(obj)

@@ -41,7 +41,7 @@ def detect(path: Path) -> bool:
 def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
          **overrides: Any) -> GenerativeModel:
     """Load the EMA DiT as a DiscreteVP epsilon model on SD-VAE latents (the learned-sigma channels dropped)."""
-    return load_plain_dit(path, overrides, kind="DiT", family=NAME, model=MODEL, transport=TRANSPORT,
+    return load_plain_dit(path, overrides, OVERRIDES, kind="DiT", family=NAME, model=MODEL, transport=TRANSPORT,
                           recipe=RECIPES, released_path=None, device=device, dtype=dtype)
 
 

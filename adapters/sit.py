@@ -38,7 +38,7 @@ def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = to
          **overrides: Any) -> GenerativeModel:
     """Load the EMA SiT as a ReLinear model on SD-VAE latents (a learned sigma's channels dropped); a train.py
     container of another path_type / prediction (GVP / VP, score / noise: other transports) is refused."""
-    return load_plain_dit(path, overrides, kind="SiT", family=NAME, model=MODEL, transport="ReLinear",
+    return load_plain_dit(path, overrides, OVERRIDES, kind="SiT", family=NAME, model=MODEL, transport="ReLinear",
                           recipe="sit", released_path=("Linear", "velocity"), device=device, dtype=dtype)
 
 
