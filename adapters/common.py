@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ucgm_convert.adapters.family import PASS_HEADS
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.formats.statedict import load_state_dict_strict
-from ucgm_convert.formats.torch_files import read_torch
+from ucgm_convert.formats.torch_files import is_torch_zip, read_torch, tensor_dict
 from ucgm_convert.model import GenerativeModel, ModelConfig
 from ucgm_convert.nets.sit import SiT
 
@@ -30,6 +30,7 @@ _SIZE_NAME = re.compile(r"^(SiT|DiT)-(S|B|L|XL)/(\d+)$")
 # SD-VAE latents as DiT, SiT, REPA and DDT sample them: decode z = m / 0.18215 with stabilityai/sd-vae-ft-ema.
 SD_VAE = {"name": "sd-vae", "source": "stabilityai/sd-vae-ft-ema", "latent_mean": 0.0,
           "latent_std": 1 / 0.18215, "pixel_range": "-1,1"}
+SD_VAE_DEFAULTS = {k: v for k, v in SD_VAE.items() if k != "source"}  # a Family's vae_defaults for SD-VAE latents
 SD_VAE_FACTOR = 8  # image side / latent side
 # DiT's and SiT's forward_with_cfg guide eps[:, :3] only ("for exact reproducibility"), the rest unguided.
 DIT_GUIDED_CHANNELS = 3
@@ -284,6 +285,43 @@ def plain_dit_kind(path: Path, obj: Any) -> str | None:
         return model[:3] if model[:4] in ("SiT-", "DiT-") else None
     name = path.name.lower()
     return "SiT" if name.startswith("sit") else "DiT" if name.startswith("dit") else ""
+
+
+def probe_torch(path: Path, zip_only: bool = False) -> Any:
+    """What a detect() looks at: the object a torch file holds, None where `path` does not load as one
+    (with `zip_only`, also where it is not a torch zip, e.g. a legacy pickle)."""
+    if zip_only and not is_torch_zip(path):
+        return None
+    try:
+        return read_torch(path)
+    except UCGMError:
+        return None
+
+
+def is_plain_dit(path: Path, kind: str) -> bool:
+    """`path` is a plain DiT-style file that args.model or its name says is a `kind` ("DiT" / "SiT"), or
+    that nothing says is the other one."""
+    obj = probe_torch(path)
+    return obj is not None and plain_dit_kind(path, obj) in (kind, "")
+
+
+def load_plain_dit(path: Path, overrides: Mapping[str, Any], accepted: tuple[str, ...], *, kind: str, family: str,
+                   model: str, transport: str, recipe: str | Mapping[int, str],
+                   released_path: tuple[str, str] | None, device: torch.device | str,
+                   dtype: torch.dtype) -> GenerativeModel:
+    """A DiT / SiT release or train.py container: its EMA weights as a SiT network on SD-VAE latents (a learned
+    sigma's channels dropped), the first 3 latent channels guided; `released_path` (path_type, prediction)
+    refuses a train.py container trained for another transport; `accepted`: the family's override names."""
+    path = Path(path)
+    overrides = given_overrides(path, overrides, accepted, kind)
+    obj = read_torch(path)
+    weights, where = sampling_weights(obj)
+    args = saved_args(obj)
+    if released_path is not None:
+        require_released_path(path, args, *released_path, kind)
+    return dit_style_model(path, tensor_dict(weights, str(path) + where), args, where, family=family, model=model,
+                           transport=transport, recipe=recipe, num_heads=overrides.get("num_heads"),
+                           learn_sigma=None, guidance_channels=DIT_GUIDED_CHANNELS, device=device, dtype=dtype)
 
 
 def dit_style_model(path: Path, state: Mapping[str, Tensor], args: argparse.Namespace | None, where: str, *,

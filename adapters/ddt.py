@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ucgm_convert.adapters.common import (
     SD_VAE,
+    SD_VAE_DEFAULTS,
     block_count,
     checkpoint_to_load,
     dit_config,
@@ -180,5 +181,5 @@ FAMILY = Family(
     dataset=IMAGENET,
     default_recipe=RECIPES[DEFAULT_RESOLUTION],
     overrides=ACCEPTED_OVERRIDES,
-    vae_defaults={k: v for k, v in SD_VAE.items() if k != "source"},
+    vae_defaults=SD_VAE_DEFAULTS,
 )

@@ -22,18 +22,8 @@ from typing import Any
 
 import torch
 
-from ucgm_convert.adapters.common import (
-    DIT_GUIDED_CHANNELS,
-    SD_VAE,
-    dit_style_model,
-    given_overrides,
-    plain_dit_kind,
-    sampling_weights,
-    saved_args,
-)
+from ucgm_convert.adapters.common import DIT_GUIDED_CHANNELS, SD_VAE_DEFAULTS, is_plain_dit, load_plain_dit
 from ucgm_convert.adapters.family import IMAGENET, Family, License
-from ucgm_convert.errors import UCGMError
-from ucgm_convert.formats.torch_files import read_torch, tensor_dict
 from ucgm_convert.model import GenerativeModel
 
 NAME = "dit"
@@ -45,23 +35,14 @@ MODEL = "a DiT"  # completes the shape errors' "expected ... for"
 
 def detect(path: Path) -> bool:
     """A plain DiT-style file that args.model or its name says is a DiT (or that nothing says is a SiT)."""
-    try:
-        return plain_dit_kind(path, read_torch(path)) in ("DiT", "")
-    except UCGMError:
-        return False
+    return is_plain_dit(path, "DiT")
 
 
 def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
          **overrides: Any) -> GenerativeModel:
     """Load the EMA DiT as a DiscreteVP epsilon model on SD-VAE latents (the learned-sigma channels dropped)."""
-    path = Path(path)
-    overrides = given_overrides(path, overrides, OVERRIDES, "DiT")
-    obj = read_torch(path)
-    weights, where = sampling_weights(obj)
-    return dit_style_model(path, tensor_dict(weights, str(path) + where), saved_args(obj), where, family=NAME,
-                           model=MODEL, transport=TRANSPORT, recipe=RECIPES, num_heads=overrides.get("num_heads"),
-                           learn_sigma=None,
-                           guidance_channels=DIT_GUIDED_CHANNELS, device=device, dtype=dtype)
+    return load_plain_dit(path, overrides, OVERRIDES, kind="DiT", family=NAME, model=MODEL, transport=TRANSPORT,
+                          recipe=RECIPES, released_path=None, device=device, dtype=dtype)
 
 
 FAMILY = Family(
@@ -74,7 +55,7 @@ FAMILY = Family(
     dataset=IMAGENET,
     default_recipe="dit-256",
     overrides=OVERRIDES,
-    vae_defaults={k: v for k, v in SD_VAE.items() if k != "source"},
+    vae_defaults=SD_VAE_DEFAULTS,
     guidance_channels=DIT_GUIDED_CHANNELS,
     confusable_with=("sit",),
 )

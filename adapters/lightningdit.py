@@ -31,13 +31,14 @@ from ucgm_convert.adapters.common import (
     given_overrides,
     label_classes,
     meta_network,
+    probe_torch,
     require_keys,
     shape_error,
     size_table_heads,
 )
 from ucgm_convert.adapters.family import IMAGENET, PASS_HEADS, PASS_STATS, Family, License
 from ucgm_convert.errors import UCGMError
-from ucgm_convert.formats.torch_files import is_torch_zip, read_torch, tensor_dict
+from ucgm_convert.formats.torch_files import read_torch, tensor_dict
 from ucgm_convert.model import GenerativeModel
 from ucgm_convert.nets.lightningdit import LightningDiT
 
@@ -73,12 +74,7 @@ def _named_lightningdit(obj: Any) -> bool:
 
 def _is_lightningdit(path: Path) -> bool:
     """A torch file with DiT core keys plus a LightningDiT-only part (or a train.py config naming it)."""
-    if not is_torch_zip(path):
-        return False
-    try:
-        obj = read_torch(path)
-    except UCGMError:
-        return False
+    obj = probe_torch(path, zip_only=True)
     state = _weights(obj)
     if state is None or not all(isinstance(state.get(k), Tensor) for k in CORE_KEYS):
         return False

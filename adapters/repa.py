@@ -23,12 +23,13 @@ import torch
 from torch import Tensor
 
 from ucgm_convert.adapters.common import (
-    SD_VAE,
+    SD_VAE_DEFAULTS,
     block_count,
     dit_style_model,
     dit_style_state,
     drop_training_only,
     given_overrides,
+    probe_torch,
     require_null_class,
     require_released_path,
     sampling_weights,
@@ -36,7 +37,6 @@ from ucgm_convert.adapters.common import (
 )
 from ucgm_convert.adapters.family import IMAGENET, Family, License
 from ucgm_convert.console import note
-from ucgm_convert.errors import UCGMError
 from ucgm_convert.formats.torch_files import read_torch, tensor_dict
 from ucgm_convert.model import GenerativeModel
 
@@ -67,10 +67,7 @@ def _weights(obj: Any) -> Mapping[str, Any] | None:
 
 def detect(path: Path) -> bool:
     """A SiT with `projectors.*` and no REPA-E latent BatchNorm (`bn.*`) or REPA-E `args.vae`."""
-    try:
-        obj = read_torch(path)
-    except UCGMError:
-        return False
+    obj = probe_torch(path)
     state = _weights(obj)
     if state is None or "projectors.0.0.weight" not in state or any(k.startswith("bn.") for k in state):
         return False
@@ -108,5 +105,5 @@ FAMILY = Family(
     dataset=IMAGENET,
     default_recipe="repa",
     overrides=OVERRIDES,
-    vae_defaults={k: v for k, v in SD_VAE.items() if k != "source"},
+    vae_defaults=SD_VAE_DEFAULTS,
 )

@@ -31,6 +31,7 @@ from ucgm_convert.adapters.common import (
     frozen_model,
     given_overrides,
     meta_network,
+    probe_torch,
     require_keys,
     require_null_class,
     sampling_weights,
@@ -70,10 +71,7 @@ def _end_to_end(obj: Any) -> bool:
 
 def detect(path: Path) -> bool:
     """A plain SiT state dict (GELU MLP, 6-way adaLN) with REPA-E's `bn` / `projectors` or a SiT `args`."""
-    try:
-        obj = read_torch(path)
-    except UCGMError:
-        return False
+    obj = probe_torch(path)
     state = dit_style_state(obj)
     if state is None:
         return False

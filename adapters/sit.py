@@ -20,19 +20,8 @@ from typing import Any
 
 import torch
 
-from ucgm_convert.adapters.common import (
-    DIT_GUIDED_CHANNELS,
-    SD_VAE,
-    dit_style_model,
-    given_overrides,
-    plain_dit_kind,
-    require_released_path,
-    sampling_weights,
-    saved_args,
-)
+from ucgm_convert.adapters.common import DIT_GUIDED_CHANNELS, SD_VAE_DEFAULTS, is_plain_dit, load_plain_dit
 from ucgm_convert.adapters.family import IMAGENET, Family, License
-from ucgm_convert.errors import UCGMError
-from ucgm_convert.formats.torch_files import read_torch, tensor_dict
 from ucgm_convert.model import GenerativeModel
 
 NAME = "sit"
@@ -42,25 +31,15 @@ MODEL = "a SiT"  # completes the shape errors' "expected ... for"
 
 def detect(path: Path) -> bool:
     """A plain DiT-style file that args.model or its name says is a SiT (or that nothing says is a DiT)."""
-    try:
-        return plain_dit_kind(path, read_torch(path)) in ("SiT", "")
-    except UCGMError:
-        return False
+    return is_plain_dit(path, "SiT")
 
 
 def load(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
          **overrides: Any) -> GenerativeModel:
-    """Load the EMA SiT as a ReLinear model on SD-VAE latents (a learned sigma's channels dropped)."""
-    path = Path(path)
-    overrides = given_overrides(path, overrides, OVERRIDES, "SiT")
-    obj = read_torch(path)
-    weights, where = sampling_weights(obj)
-    args = saved_args(obj)
-    require_released_path(path, args, "Linear", "velocity", "SiT")  # GVP / VP, score / noise: other transports
-    return dit_style_model(path, tensor_dict(weights, str(path) + where), args, where, family=NAME, model=MODEL,
-                           transport="ReLinear", recipe="sit", num_heads=overrides.get("num_heads"),
-                           learn_sigma=None,
-                           guidance_channels=DIT_GUIDED_CHANNELS, device=device, dtype=dtype)
+    """Load the EMA SiT as a ReLinear model on SD-VAE latents (a learned sigma's channels dropped); a train.py
+    container of another path_type / prediction (GVP / VP, score / noise: other transports) is refused."""
+    return load_plain_dit(path, overrides, OVERRIDES, kind="SiT", family=NAME, model=MODEL, transport="ReLinear",
+                          recipe="sit", released_path=("Linear", "velocity"), device=device, dtype=dtype)
 
 
 FAMILY = Family(
@@ -72,7 +51,7 @@ FAMILY = Family(
     dataset=IMAGENET,
     default_recipe="sit",
     overrides=OVERRIDES,
-    vae_defaults={k: v for k, v in SD_VAE.items() if k != "source"},
+    vae_defaults=SD_VAE_DEFAULTS,
     guidance_channels=DIT_GUIDED_CHANNELS,
     confusable_with=("dit",),
 )

@@ -38,13 +38,14 @@ from ucgm_convert.adapters.common import (
     given_overrides,
     label_classes,
     meta_network,
+    probe_torch,
     require_keys,
 )
 from ucgm_convert.adapters.ddt import RECIPES as DDT_RECIPES
 from ucgm_convert.adapters.ddt import default_encoder_depth
 from ucgm_convert.adapters.family import IMAGENET, PASS_STATS, Family, License
 from ucgm_convert.errors import UCGMError
-from ucgm_convert.formats.torch_files import is_torch_zip, read_torch, tensor_dict
+from ucgm_convert.formats.torch_files import read_torch, tensor_dict
 from ucgm_convert.model import GenerativeModel
 from ucgm_convert.nets import ARCHITECTURES
 from ucgm_convert.settings import SamplingSettings
@@ -138,12 +139,7 @@ def _known(value: str, table: Mapping[str, Any], what: str) -> str:
 
 def _is_release(path: Path) -> bool:
     """A torch file holding the five entries main.py saves, its config naming a model type and a transport."""
-    if not is_torch_zip(path):
-        return False
-    try:
-        obj = read_torch(path)
-    except UCGMError:
-        return False
+    obj = probe_torch(path, zip_only=True)
     if not isinstance(obj, Mapping) or not all(k in obj for k in CONTAINER_KEYS):
         return False
     config = obj["config"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,32 @@ TINY_SAMPLING = {
     "steps": 3, "order": 1, "stochasticity": 0.0, "extrapolation": 0.0,
     "time_dist": [1.0, 1.0, 1.0], "gaps": [0.001, 0.001], "cfg_scale": 1.0, "cfg_interval": [0.0, 1.0],
 }
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch single-threaded inside the block and restore the caller's setting after: CPU round-off
+    depends on the thread count, and the tensors in tests are tiny (threads only add synchronisation)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One test single-threaded (`pytestmark = pytest.mark.usefixtures("one_thread")` for a whole module)."""
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module() -> Iterator[None]:
+    """A whole module single-threaded, its module-scoped fixtures included."""
+    with single_thread():
+        yield
 
 
 def tiny_model(seed: int = 0, sampling: dict | None = None) -> uc.GenerativeModel:

@@ -1,31 +1,9 @@
 """EDM2 adapter: tiny snapshots in NVIDIA's release format load safely and match upstream.
 
-Made by scripts/fixtures/make_edm2.py (run it with --upstream PATH; see scripts/fixtures/README.md).
-Fixtures (tests/fixtures/edm2/) were produced OUTSIDE this repository with the upstream code,
-NVlabs/edm2 at commit 4bf8162f601bcc09472ce8a32dd0cbe8889dc8fc (torch 2.14.1, numpy 2.4.6,
-Python 3.11, CPU; `psutil`, imported but unused by training/training_loop.py, stubbed):
-- each snapshot is built as training/training_loop.py saves one: `pickle.dump` of
-  dnnlib.EasyDict(encoder=StabilityVAEEncoder(...), dataset_kwargs=EasyDict(class_name=
-  'training.dataset.ImageFolderDataset', path='datasets/img512-sd.zip', use_labels, xflip=False,
-  cache=True), loss_fn=EDM2Loss(P_mean=-0.4, P_std=1.0), ema=deepcopy(net).cpu().eval()
-  .requires_grad_(False).to(torch.float16)), every object built with
-  dnnlib.util.construct_class_by_name as train_edm2.py does, so all classes are persistence
-  records with their module source; weights float16 like the releases;
-- `tiny-cond.pkl`: torch.manual_seed(1); net = training.networks_edm2.Precond(img_resolution=8,
-  img_channels=4, label_dim=10, model_channels=16, channel_mult=[1, 2], num_blocks=2,
-  attn_resolutions=[4], channels_per_head=16, dropout=0.0); encoder with default arguments;
-- `tiny-uncond.pkl`: torch.manual_seed(2); Precond(img_resolution=8, img_channels=4, label_dim=0,
-  model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], channels_per_head=8,
-  dropout=0.0); encoder StabilityVAEEncoder(raw_mean=[1, -2, 0.5, 0.25], raw_std=[2, 4, 3, 5]);
-- in both, every scalar gain (out_gain, emb_gain; zero at init, which would hide bugs) was set to
-  1 + 0.5 N(0, 1) right after construction (same generator, in named_parameters order);
-- `expected.safetensors`: g = torch.Generator().manual_seed(0); sigma = [0.002, 0.3, 2.5, 80];
-  x_sigma = randn(4, 4, 8, 8, generator=g) * sqrt(0.25 + sigma^2); labels = [0, 3, 9, 5];
-  with each snapshot's `ema` converted to float32 (`.float()`, i.e. the float16 values exactly):
-  D = net(x_sigma, sigma, one_hot(labels, 10)); D_uncond = gnet(x_sigma, sigma);
-  D_guided_1.7 = D_uncond.lerp(D, 1.7) (generate_images.py's guidance); D_nolabel = net with
-  unet.emb_label set to None (UCGM's `uncond=True` branch); D_fp16_params = net run on the
-  float16 parameters as stored (CPU, float32 activations), for a loose check only.
+tests/fixtures/edm2/ is made by scripts/fixtures/make_edm2.py from NVlabs/edm2 @4bf8162 (its docstring says
+how; torch 2.14.1, numpy 2.4.6, Python 3.11, CPU): tiny-cond.pkl and tiny-uncond.pkl, pickled as
+training/training_loop.py saves snapshots (float16 `ema`), and expected.safetensors, upstream's denoiser
+outputs D, D_uncond, D_guided_1.7, D_nolabel and D_fp16_params on fixed noisy inputs.
 """
 
 from __future__ import annotations

@@ -13,12 +13,7 @@ from ucgm_convert.analytic import GaussianMixture, frechet, sliced_wasserstein
 NAMES = ("Linear", "ReLinear", "TrigFlow", "EDM")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _quadrature_posterior(gm: GaussianMixture, x_t: float, t: float) -> tuple[float, float]:

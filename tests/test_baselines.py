@@ -9,13 +9,7 @@ from ucgm_convert.analytic import GaussianMixture
 from ucgm_convert.baselines import BASELINES, run_baseline, time_of_flow_sigma
 from ucgm_convert.transports import EDM, get_transport
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def test_flow_sigma_maps_to_the_transport_time_of_equal_snr() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import sigkill_when, tiny_model
+from conftest import sigkill_when, single_thread, tiny_model
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -49,12 +49,7 @@ NUM, CHUNK = 10, 2  # 5 chunks of 2 samples, 2 per class
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_inception_weights(path: Path, seed: int = 0) -> Path:
@@ -89,17 +84,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     for i in range(4):
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(noise / f"{i}.png")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         result = runner.invoke(app, ["eval", "ref", str(noise), "--out", str(root / "ref.npz"), "--device", "cpu",
                                      "--inception-weights", str(weights)])
         assert result.exit_code == 0, result.output
         base = root / "base"
         result = runner.invoke(app, fid_args(ckpt, root / "ref.npz", weights, base, "--save-images", "--save-npz"))
         assert result.exit_code == 0, result.output
-    finally:
-        torch.set_num_threads(threads)
     return {"root": root, "weights": weights, "ckpt": ckpt, "ref": root / "ref.npz", "base": base}
 
 
@@ -230,20 +221,24 @@ def test_two_processes_give_bit_identical_features_and_numbers(env: dict[str, Pa
     assert_same_features(out, env["base"])
 
 
+def kill_9_then_resume(args: list[str], out: Path, chunks: int, env: dict[str, str], timeout: float) -> None:
+    """Run `ucgm <args>` in a subprocess, kill -9 it once a feature chunk of `out` is on disk, then resume in
+    this process; the chunks that survived must be reused as they are (not recomputed)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ucgm_convert", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    features = out / "features"
+    sigkill_when(proc, lambda: features.is_dir() and len(list(features.glob("chunk-*.npz"))) >= 1, timeout=timeout)
+    survivors = {p.name: p.stat().st_mtime_ns for p in features.glob("chunk-*.npz")}
+    assert 1 <= len(survivors) < chunks and not (out / "results.json").exists()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert {n: (features / n).stat().st_mtime_ns for n in survivors} == survivors
+
 @pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_numbers(env: dict[str, Path]) -> None:
     out = env["root"] / "killed"
     args = fid_args(env["ckpt"], env["ref"], env["weights"], out)
-    proc = subprocess.Popen([sys.executable, "-m", "ucgm_convert", *args], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    features = out / "features"
-    sigkill_when(proc, lambda: features.is_dir() and len(list(features.glob("chunk-*.npz"))) >= 1, timeout=300)
-    survivors = {p.name: p.stat().st_mtime_ns for p in features.glob("chunk-*.npz")}
-    assert 1 <= len(survivors) < NUM // CHUNK and not (out / "results.json").exists()
-
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    assert {n: (features / n).stat().st_mtime_ns for n in survivors} == survivors  # reused, not recomputed
+    kill_9_then_resume(args, out, NUM // CHUNK, ENV, timeout=300)
     assert numbers(out) == numbers(env["base"])
     assert_same_features(out, env["base"])
     labels = np.concatenate([chunk(out, k)["labels"] for k in range(NUM // CHUNK)])

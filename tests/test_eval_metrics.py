@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import sigkill_when, tiny_model
+from conftest import single_thread, tiny_model
 from frechet_direct import direct_fd_low_rank
 from PIL import Image
 from scipy.spatial.distance import cdist
 from scipy.special import softmax
-from test_eval import random_inception_weights
+from test_eval import kill_9_then_resume, random_inception_weights
 from test_metrics_dinov2 import tiny_state
 from typer.testing import CliRunner
 
@@ -46,12 +46,7 @@ ALL = "fid,is,sfid,prec,rec,fd_dinov2"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "160"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fid_args(m: dict[str, Path], out: Path, *extra: str) -> list[str]:
@@ -78,16 +73,12 @@ def m(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     np.savez(root / "batch.npz", arr_0=images)
     paths = {"root": root, "inception": inception, "dinov2": dinov2, "ckpt": ckpt, "ref": root / "ref.npz",
              "base": root / "base"}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         result = runner.invoke(app, ["eval", "ref", str(root / "batch.npz"), "--out", str(paths["ref"]), "--device",
                                      "cpu", "--inception-weights", str(inception), "--dinov2-weights", str(dinov2)])
         assert result.exit_code == 0, result.output
         result = runner.invoke(app, fid_args(paths, paths["base"], "--metrics", ALL, "--save-npz"))
         assert result.exit_code == 0, result.output
-    finally:
-        torch.set_num_threads(threads)
     return paths
 
 
@@ -346,15 +337,7 @@ def test_two_processes_give_identical_numbers_for_every_metric(m: dict[str, Path
 def test_kill_9_then_resume_gives_identical_numbers_for_every_metric(m: dict[str, Path]) -> None:
     out = m["root"] / "killed"
     args = fid_args(m, out, "--metrics", ALL)
-    proc = subprocess.Popen([sys.executable, "-m", "ucgm_convert", *args], env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    features = out / "features"
-    sigkill_when(proc, lambda: features.is_dir() and len(list(features.glob("chunk-*.npz"))) >= 1, timeout=600)
-    survivors = {p.name: p.stat().st_mtime_ns for p in features.glob("chunk-*.npz")}
-    assert 1 <= len(survivors) < NUM // CHUNK and not (out / "results.json").exists()
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    assert {n: (features / n).stat().st_mtime_ns for n in survivors} == survivors
+    kill_9_then_resume(args, out, NUM // CHUNK, ENV, timeout=600)
     assert results(out)["metrics"] == results(m["base"])["metrics"]
     assert_same_chunks(out, m["base"])
 

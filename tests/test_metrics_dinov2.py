@@ -37,12 +37,7 @@ BLOCK_SHAPES = {  # official per-block keys -> shape, for embed D and MLP hidden
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def official_shapes(dim: int, depth: int, hidden: int, patch: int = 14, grid: int = 37) -> dict[str, tuple[int, ...]]:

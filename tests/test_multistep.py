@@ -15,13 +15,7 @@ from ucgm_convert.errors import UCGMError
 from ucgm_convert.hub import card
 from ucgm_convert.settings import SamplingSettings
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 class _Counted:

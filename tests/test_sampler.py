@@ -21,14 +21,7 @@ import ucgm_convert as uc
 NAMES = ("Linear", "ReLinear", "TrigFlow", "EDM")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (ms per matmul on a
-    busy 2-core machine), so run this module single-threaded and restore the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 # =============================================================================================

@@ -23,12 +23,7 @@ ABAR = np.cumprod(1.0 - BETAS, axis=0)
 ABAR_PREV = np.append(1.0, ABAR[:-1])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _step_times(k: np.ndarray) -> Tensor:
