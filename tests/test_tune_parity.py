@@ -35,12 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 NULL = 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_lightningdit(seed: int = 0, **kw: object) -> torch.nn.Module:
