@@ -6,9 +6,11 @@ Timings are medians of repeated runs reported as ratios against a baseline timed
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,3 +110,9 @@ def cell(value: Timing, digits: int = 3) -> str:
 def sync_for(device: str) -> Callable[[], None] | None:
     """The function that waits for `device`'s queued work (None on the CPU)."""
     return torch.cuda.synchronize if torch.device(device).type == "cuda" else None
+
+
+def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` in a new (spawned) Python process, for peak-memory readings; its exception is re-raised here."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()

@@ -14,7 +14,6 @@ Target: ours <= 1.03x the unavoidable work.
 from __future__ import annotations
 
 import copy
-import multiprocessing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,8 +24,8 @@ import ucgm_convert as uc
 from ucgm_convert.recipe import load_recipe
 from ucgm_convert.transports import HALF_PI
 
-from .core import Options, Result, cell, ratio, rounds, summary, sync_for
-from .networks import build, demo, inputs, specs
+from .core import Options, Result, cell, in_fresh_process, ratio, rounds, summary, sync_for
+from .networks import build, demo, specs
 
 TITLE = "Tuning step: ours vs the reference transcription vs the unavoidable work"
 WAYS = ("unavoidable", "reference", "ours")
@@ -102,7 +101,7 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def _cpu_peak_worker(way: str, spec_index: int, size: str, quick: bool, queue) -> None:
+def _cpu_peak_worker(way: str, spec_index: int, size: str, quick: bool) -> float:
     """In a fresh process: the peak resident memory (MiB) of one step of `way` beyond the setup's."""
     torch.set_num_threads(1)
     spec, model = _network(spec_index, size, quick, "cpu")
@@ -111,7 +110,7 @@ def _cpu_peak_worker(way: str, spec_index: int, size: str, quick: bool, queue) -
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = _status_kb("VmRSS")
     step()
-    queue.put((_status_kb("VmHWM") - before) / 1024)
+    return (_status_kb("VmHWM") - before) / 1024
 
 
 def _network(index: int, size: str, quick: bool, device: str):
@@ -132,13 +131,7 @@ def _peak_mib(way: str, index: int, opts: Options, steps: dict[str, Callable[[],
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     if not Path("/proc/self/clear_refs").exists():
         return None
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_cpu_peak_worker, args=(way, index, opts.size, opts.quick, queue))
-    proc.start()
-    value = queue.get(timeout=300)
-    proc.join()
-    return value
+    return in_fresh_process(_cpu_peak_worker, way, index, opts.size, opts.quick)
 
 
 def run(opts: Options) -> Result:
