@@ -6,6 +6,7 @@ Timings are medians of repeated runs reported as ratios against a baseline timed
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import statistics
 import time
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ucgm_convert.foundation import write_file_atomic
 
 
 @dataclass(frozen=True)
@@ -116,3 +119,14 @@ def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
     """`fn(*args)` in a new (spawned) Python process, for peak-memory readings; its exception is re-raised here."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 90) -> Path:
+    """Write a matplotlib figure to `path` as PNG (atomically, parent folders created) and close it."""
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    fig.clf()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(path, buffer.getvalue())
+    return path
