@@ -124,7 +124,6 @@ def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
 def save_figure(fig: Any, path: Path, dpi: int = 90) -> Path:
     """Write a matplotlib figure to `path` as PNG (atomically, parent folders created) and close it."""
     buffer = io.BytesIO()
-    fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=dpi)
     fig.clf()
     path.parent.mkdir(parents=True, exist_ok=True)

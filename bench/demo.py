@@ -99,6 +99,7 @@ def plot(curves: dict[str, list[list[float]]], path: Path) -> Path:
     ax.set_title("Embedded demo model (16x16 RGB, pixel space)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
     return save_figure(fig, path)
 
 

@@ -83,7 +83,7 @@ def _measure(kind: str, ways: dict[str, Callable[[], torch.Tensor]], spec, opts:
 
 def run(opts: Options) -> Result:
     nets = [demo(opts.device)]
-    if not opts.quick:
+    if opts.size == "xl":  # compilation takes minutes on a CPU: the extra network only at full size
         spec = specs(opts.size, opts.quick)[1]
         nets.append((spec, build(spec, opts.device)))
     rows, data = [], {}

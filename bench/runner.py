@@ -48,9 +48,9 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def show(console: Console, result: Result, seconds: float) -> None:
+def show(console: Console, result: Result, seconds: float, cpu: float) -> None:
     """The result as a rich table, with its notes under it."""
-    table = Table(title=f"{result.title}  [dim]({seconds:.0f} s)[/dim]", title_justify="left")
+    table = Table(title=f"{result.title}  [dim]({seconds:.0f} s, {cpu:.0f} CPU s)[/dim]", title_justify="left")
     for column in result.columns:
         table.add_column(column)
     for row in result.rows:
@@ -62,10 +62,10 @@ def show(console: Console, result: Result, seconds: float) -> None:
         console.print(f"  plot: {plot}")
 
 
-def save(result: Result, opts: Options, seconds: float) -> None:
+def save(result: Result, opts: Options, seconds: float, cpu: float) -> None:
     """OUT/<name>.json: the table, the notes, the plots, the raw data, the options and the machine."""
     payload = dataclasses.asdict(result)
-    payload.update(seconds=seconds, options={k: str(v) for k, v in dataclasses.asdict(opts).items()},
+    payload.update(seconds=seconds, cpu_seconds=cpu, options={k: str(v) for k, v in dataclasses.asdict(opts).items()},
                    machine=machine(), plots=[str(p) for p in result.plots])
     write_text_atomic(opts.out / f"{result.name}.json", json.dumps(payload, indent=2, default=str) + "\n")
 
@@ -78,15 +78,16 @@ def run_all(settings: BenchSettings) -> dict[str, Result]:
     out.mkdir(parents=True, exist_ok=True)
     opts = Options(device=device, size=settings.size, quick=settings.quick, out=out, repeats=settings.repeats)
     console = Console()
-    results, start = {}, time.perf_counter()
+    results, start, cpu_start = {}, time.perf_counter(), time.process_time()
     for name in names:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = BENCHMARKS[name].run(opts)
-        seconds = time.perf_counter() - t0
-        save(result, opts, seconds)
-        show(console, result, seconds)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        save(result, opts, seconds, cpu)
+        show(console, result, seconds, cpu)
         results[name] = result
-    console.print(f"[bold]{len(names)} benchmark(s) in {time.perf_counter() - start:.0f} s[/bold]; results in {out}")
+    console.print(f"[bold]{len(names)} benchmark(s) in {time.perf_counter() - start:.0f} s "
+                  f"({time.process_time() - cpu_start:.0f} CPU s in this process)[/bold]; results in {out}")
     return results
 
 

@@ -12,16 +12,16 @@ import torch
 import ucgm_convert as uc
 
 from .core import Options, Result, cell, ratio, rounds, sync_for
-from .networks import build, demo, inputs, specs
+from .networks import Spec, build, demo, inputs, specs
 
 TITLE = "Sampler overhead: uc.sample / (NFE x forward)"
 STEPS = 10
 CFG = 1.5
 
 
-def _overhead(model: uc.GenerativeModel, spec_batch: int, spec, opts: Options, guidance: bool) -> dict:
+def _overhead(model: uc.GenerativeModel, spec: Spec, opts: Options, guidance: bool) -> dict:
     """Per-round sample/(NFE x forward) of one network, guided or not."""
-    x, y = inputs(spec, spec_batch, opts.device, model.num_classes)
+    x, y = inputs(spec, spec.batch, opts.device, model.num_classes)
     steps = 4 if opts.quick else STEPS
     fn = uc.guided(model, CFG) if guidance else model
     xf, yf = (torch.cat([x, x]), torch.cat([y, torch.full_like(y, model.null_class)])) if guidance else (x, y)
@@ -42,7 +42,7 @@ def run(opts: Options) -> Result:
     rows, data = [], {}
     for spec, model in nets:
         for guidance in (False, True):
-            r = _overhead(model, spec.batch, spec, opts, guidance)
+            r = _overhead(model, spec, opts, guidance)
             rows.append([spec.name, "cfg 1.5" if guidance else "none", spec.batch, r["nfe"],
                          f"{r['forward_ms']:.2f}", cell(r["ratio"])])
             data[f"{spec.name} | {'cfg' if guidance else 'none'}"] = {
