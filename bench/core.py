@@ -77,14 +77,17 @@ def rounds(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1,
            sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
     """Wall times of each function over `repeats` interleaved rounds (each round runs every function once).
 
-    Interleaving makes the per-round ratios robust to a shared machine's load changing between runs.
+    Interleaving makes the per-round ratios robust to a shared machine's load changing between runs; the
+    order rotates from round to round so that no function always runs first (or right after another).
     """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn = fns[name]
             if sync:
                 sync()
             start = time.perf_counter()

@@ -46,7 +46,7 @@ def test_ratios_are_per_round_with_their_spread() -> None:
     assert cell(Timing(1.0, 0.5, 2.0), 2) == "1.00 (0.50-2.00)"
     calls: list[str] = []
     times = rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, warmup=1)
-    assert calls == ["a", "b"] * 3  # interleaved, warm-up round first
+    assert calls == ["a", "b", "a", "b", "b", "a"]  # warm-up round, then interleaved in a rotating order
     assert [len(v) for v in times.values()] == [2, 2]
 
 
