@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import NullFormatter
 
 import ucgm_convert as uc
 from ucgm_convert.baselines import run_baseline
@@ -94,6 +95,7 @@ def plot(curves: dict[str, list[list[float]]], path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(NFES, [str(v) for v in NFES])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("NFE (model evaluations)")
     ax.set_ylabel(f"RMS pixel error vs the {REFERENCE_STEPS}-step sample")
     ax.set_title("Embedded demo model (16x16 RGB, pixel space)")

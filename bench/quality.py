@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import NullFormatter
 
 import ucgm_convert as uc
 from ucgm_convert.analytic import GaussianMixture, sliced_wasserstein
@@ -122,7 +123,8 @@ def plot(data: dict[str, Any], dims: tuple[int, ...], path: Path) -> Path:
         for row, metric in enumerate(("fd", "sw")):
             ax = axes[row][col]
             euler = [_stat(p[metric])[0] for p in data[str(dim)]["Euler"]]
-            top = 3 * max(v for v in euler if math.isfinite(v))  # points above: "off the chart" (diverging)
+            top = 10 * max(v for v in euler if math.isfinite(v))  # points above: "off the chart" (diverging)
+            bottom = top
             for i, label in enumerate(labels):
                 points = [(p["nfe"], *_stat(p[metric])) for p in data[str(dim)][label]]
                 points = [p for p in points if math.isfinite(p[1]) and p[1] <= top]
@@ -130,13 +132,15 @@ def plot(data: dict[str, Any], dims: tuple[int, ...], path: Path) -> Path:
                     continue
                 xs, ys, es = zip(*points)
                 low = [min(e, 0.9 * y) for y, e in zip(ys, es)]  # a log axis cannot show mean - std <= 0
+                bottom = min(bottom, *(0.8 * (y - lo) for y, lo in zip(ys, low)))
                 ax.errorbar(xs, ys, yerr=(low, es), label=label, color=colors[i % 20], marker="o",
                             linestyle="-" if label.startswith("UCGM") else "--", markersize=3, capsize=2,
                             linewidth=1.2)
-            ax.set_ylim(top=top)
+            ax.set_ylim(bottom, top)
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xticks(NFES, [str(v) for v in NFES])
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("NFE (model evaluations)")
             ax.set_ylabel("Frechet distance" if metric == "fd" else "sliced Wasserstein")
             ax.set_title(f"{dim}-D Gaussian mixture ({COMPONENTS} components)")

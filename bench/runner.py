@@ -77,7 +77,7 @@ def run_all(settings: BenchSettings) -> dict[str, Result]:
     out = check_writable_dir(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     opts = Options(device=device, size=settings.size, quick=settings.quick, out=out, repeats=settings.repeats)
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=160)  # logs keep whole rows
     results, start, cpu_start = {}, time.perf_counter(), time.process_time()
     for name in names:
         t0, c0 = time.perf_counter(), time.process_time()
