@@ -123,7 +123,10 @@ def run(opts: Options) -> Result:
             for label, points in curves.items()]
     recipe = load_recipe("demo")
     notes = [f"{n} samples; reference: UCGM-S {steps} steps, CFG {CFG}; tuned with the demo recipe "
-             f"({10 if opts.quick else recipe.tuning.steps} steps) in {seconds:.0f} s"]
+             f"({10 if opts.quick else recipe.tuning.steps} steps) in {seconds:.0f} s",
+             "a per-sample error: it measures how closely a deterministic sampler follows the reference path; the "
+             "tuned model's rho 1 setting draws fresh noise at each step, so its error here is large by construction "
+             "(its distribution is measured by bench/demo_tune.py's pixel FD)"]
     path = plot(curves, opts.out / "quality_demo.png")
     return Result("demo", TITLE, ["sampler", *(f"NFE {v}" for v in nfes)], rows, notes, plots=[path],
                   data={"nfes": list(nfes), "samples": n, "reference_steps": steps, "tune_seconds": seconds,

@@ -150,7 +150,7 @@ def plot(data: dict[str, Any], dims: tuple[int, ...], path: Path) -> Path:
     fig.subplots_adjust(bottom=0.14)
     fig.suptitle("Distance to the true distribution vs NFE (mean ± std over seeds; points above the top "
                  "edge diverge: see the table)", fontsize=10)
-    return save_figure(fig, path)
+    return save_figure(fig, path, dpi=72)
 
 
 def _cell(values: list[float]) -> str:
