@@ -38,10 +38,13 @@ CFG = 1.5
 Sampler = Callable[[Callable[..., torch.Tensor], torch.Tensor, torch.Tensor, int], torch.Tensor | None]
 
 
-def _ucgm(**kwargs: Any) -> Sampler:
+def _ucgm(end_gap: float | None = None, **kwargs: Any) -> Sampler:
+    """UCGM-S in `nfe` steps; `end_gap` c sets gaps = (0.001, c / nfe) (what the multistep solvers want)."""
+
     def run(fn, noise: torch.Tensor, y: torch.Tensor, nfe: int) -> torch.Tensor:
         gen = [torch.Generator().manual_seed(i) for i in range(len(noise))]
-        return uc.sample(fn, noise, "Linear", steps=nfe, generator=gen, y=y, **kwargs)
+        gaps = {"gaps": (0.001, end_gap / nfe)} if end_gap is not None and nfe > 1 else {}
+        return uc.sample(fn, noise, "Linear", steps=nfe, generator=gen, y=y, **gaps, **kwargs)
 
     return run
 
@@ -56,7 +59,8 @@ def _baseline(name: str) -> Sampler:
     return run
 
 
-BASE = {"UCGM-S (demo settings)": _ucgm(), "UCGM-S multistep": _ucgm(solver="multistep"),
+BASE = {"UCGM-S (demo settings)": _ucgm(), "UCGM-S multistep, end gap 1/N": _ucgm(1.0, solver="multistep"),
+        "UCGM-S multistep-pc, end gap 1/N": _ucgm(1.0, solver="multistep-pc"),
         "Euler": _baseline("euler"), "Heun": _baseline("heun"), "diffusers DPM-Solver++ 2M": _baseline("dpm++2m"),
         "diffusers UniPC": _baseline("unipc")}
 TUNED = {"tuned, UCGM-S rho 0": _ucgm(), "tuned, few-step setting (rho 1, gaps 0.001/0.5)":
