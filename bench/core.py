@@ -6,12 +6,19 @@ Timings are medians of repeated runs reported as ratios against a baseline timed
 
 from __future__ import annotations
 
+import io
+import multiprocessing
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from ucgm_convert.foundation import write_file_atomic
 
 
 @dataclass(frozen=True)
@@ -64,3 +71,64 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable[[
             sync()
         times.append(time.perf_counter() - start)
     return Timing(statistics.median(times), min(times), max(times))
+
+
+def rounds(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+           sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Wall times of each function over `repeats` interleaved rounds (each round runs every function once).
+
+    Interleaving makes the per-round ratios robust to a shared machine's load changing between runs; the
+    order rotates from round to round so that no function always runs first (or right after another).
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn = fns[name]
+            if sync:
+                sync()
+            start = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summary(values: Sequence[float]) -> Timing:
+    """Median and (min, max) of a list of measurements."""
+    return Timing(statistics.median(values), min(values), max(values))
+
+
+def ratio(times: Sequence[float], baseline: Sequence[float], scale: float = 1.0) -> Timing:
+    """Per-round ratios times[i] / (scale * baseline[i]): their median and (min, max)."""
+    return summary([a / (scale * b) for a, b in zip(times, baseline)])
+
+
+def cell(value: Timing, digits: int = 3) -> str:
+    """'median (min-max)' for a table."""
+    return f"{value.median:.{digits}f} ({value.low:.{digits}f}-{value.high:.{digits}f})"
+
+
+def sync_for(device: str) -> Callable[[], None] | None:
+    """The function that waits for `device`'s queued work (None on the CPU)."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else None
+
+
+def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` in a new (spawned) Python process, for peak-memory readings; its exception is re-raised here."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 90) -> Path:
+    """Write a matplotlib figure to `path` as PNG (atomically, parent folders created) and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    fig.clf()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(path, buffer.getvalue())
+    return path

@@ -34,7 +34,8 @@ def test_every_package_is_installed() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     found = {"ucgm_convert." + ".".join(p.parent.relative_to(PACKAGE).parts) if p.parent != PACKAGE else "ucgm_convert"
              for p in PACKAGE.rglob("__init__.py")}
-    assert set(config["packages"]) == found | {"ucgm_convert.adapters", "ucgm_convert.recipes"}
+    assert set(config["packages"]) == found | {"ucgm_convert.adapters", "ucgm_convert.recipes",
+                                                "ucgm_convert.bench"}
 
 
 def test_modules_and_functions_stay_small() -> None:

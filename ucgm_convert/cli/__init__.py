@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from .bench import bench_command
 from .common import OneLineErrors
 from .convert import convert_command
 from .eval import eval_app
@@ -29,6 +30,7 @@ app.command("prepare-data")(prepare_command)
 app.add_typer(eval_app, name="eval")
 app.command("push")(push_command)
 app.command("tune")(tune_command)
+app.command("bench")(bench_command)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from ..jobs.prepare import PrepareConfig
 from ..jobs.sample import SampleConfig
 from ..jobs.source import ArchOverrides, ModelSource, SamplingOverrides, SamplingSweep, TuningOverrides
 from ..jobs.tune import TuneConfig
+from ..settings import BenchSettings
 from .options import Group
 
 SOURCE = Group(ModelSource, flags={"recipe": ("--from",)})
@@ -24,3 +25,4 @@ TUNE = Group(TuneConfig, sections={"source": SOURCE, "arch": ARCH, "tuning": TUN
 PREPARE = Group(PrepareConfig, sections={"source": SOURCE, "arch": ARCH}, arguments=("images",))
 CONVERT = Group(ConvertConfig, sections={"arch": ARCH}, arguments=("checkpoint",))
 PUSH = Group(PushConfig, flags={"message": ("--message", "-m")}, arguments=("folder",))
+BENCH = Group(BenchSettings)

@@ -6,8 +6,9 @@ ucgm_convert.recipe.
 """
 
 from .base import Settings, SettingsError
+from .bench import BenchSettings
 from .model import ModelConfig, VaeSpec
 from .sampling import SamplingSettings
 from .tuning import TuningSettings
 
-__all__ = ["ModelConfig", "SamplingSettings", "Settings", "SettingsError", "TuningSettings", "VaeSpec"]
+__all__ = ["BenchSettings", "ModelConfig", "SamplingSettings", "Settings", "SettingsError", "TuningSettings", "VaeSpec"]

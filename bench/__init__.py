@@ -1,0 +1,1 @@
+"""Speed and quality benchmarks (`python -m bench`, `ucgm bench`); installed as ucgm_convert.bench."""
