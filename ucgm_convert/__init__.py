@@ -9,6 +9,7 @@ from .loading import load
 from .model import GenerativeModel, ModelConfig
 from .objective import UCGMObjective
 from .sampler import count_nfe, sample, time_grid
+from .search import search
 from .transports import TRANSPORTS, Transport, get_transport
 
 __all__ = [
@@ -26,5 +27,6 @@ __all__ = [
     "load_checkpoint",
     "sample",
     "save_checkpoint",
+    "search",
     "time_grid",
 ]

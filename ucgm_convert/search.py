@@ -375,6 +375,16 @@ def search(
     return search_outcome(model_fn, shape, transport, nfe, num_samples, seed, **kwargs).settings
 
 
+def at_nfe(settings: Mapping[str, Any], nfe: int) -> dict[str, Any]:
+    """A given setting (e.g. a recipe's) with its steps (and order-2 end gap) changed to spend exactly `nfe`."""
+    a, b, c = settings.get("time_dist", (1.0, 1.0, 1.0))
+    g0, g1 = settings.get("gaps", (0.001, 0.001))
+    values = {"a": a, "b": b, "c": c, "extrapolation": settings.get("extrapolation", 0.0),
+              "stochasticity": settings.get("stochasticity", 0.0), "gap_start": g0, "gap_end": g1}
+    order = int(settings.get("order", 1)) if nfe >= 2 else 1
+    return Structure(order).settings(nfe, values)
+
+
 def nfe_of(settings: Mapping[str, Any]) -> int:
     """Model evaluations of a found setting (`count_nfe`)."""
     return count_nfe(settings["steps"], settings["order"], settings["gaps"])

@@ -7,6 +7,7 @@ from ..jobs.convert import ConvertConfig
 from ..jobs.evaluate import EvalConfig, RefConfig
 from ..jobs.prepare import PrepareConfig
 from ..jobs.sample import SampleConfig
+from ..jobs.search import SearchConfig
 from ..jobs.source import ArchOverrides, ModelSource, SamplingOverrides, TuningOverrides
 from ..jobs.tune import TuneConfig
 from .options import Group
@@ -23,3 +24,4 @@ TUNE = Group(TuneConfig, sections={"source": SOURCE, "arch": ARCH, "tuning": TUN
 PREPARE = Group(PrepareConfig, sections={"source": SOURCE, "arch": ARCH}, arguments=("images",))
 CONVERT = Group(ConvertConfig, sections={"arch": ARCH}, arguments=("checkpoint",))
 PUSH = Group(PushConfig, flags={"message": ("--message", "-m")}, arguments=("folder",))
+SEARCH = Group(SearchConfig, sections={"source": SOURCE, "arch": ARCH})
