@@ -9,7 +9,7 @@ from .loading import load
 from .model import GenerativeModel, ModelConfig
 from .objective import UCGMObjective
 from .sampler import count_nfe, sample, time_grid
-from .search import search
+from .searcher import search
 from .transports import TRANSPORTS, Transport, get_transport
 
 __all__ = [

@@ -33,7 +33,7 @@ from ..generation import balanced_labels, model_fn
 from ..model import GenerativeModel
 from ..recipe import Recipe
 from ..sampler import ModelFn
-from ..search import Objective, at_nfe, latent_features, nfe_of, search_outcome
+from ..searcher import Objective, at_nfe, latent_features, nfe_of, search_outcome
 from ..settings import SamplingSettings
 from ..settings.base import Bool, Int, Settings, choice
 from ..vae import decode

@@ -37,6 +37,7 @@ from .console import progress
 from .errors import UCGMError
 from .metrics.fid import FeatureStats, frechet_distance
 from .sampler import ModelFn, count_nfe, sample
+from .seeding import sample_generators
 from .transports import Transport, get_transport
 
 Features = Callable[[Tensor], np.ndarray]
@@ -213,15 +214,16 @@ class Objective:
         self.ref = stats_of(self.features(self.generate(dict(reference), model_fn)))
 
     def generate(self, settings: dict[str, Any], model_fn: ModelFn) -> Tensor:
-        """Samples of the fixed noise in batches; stochastic noise from one generator per batch, seeded by index."""
+        """Samples of the fixed noise in batches; stochastic noise from one generator per row (seed, index), so
+        the batch size changes no sample."""
         parts = []
         for start in range(0, self.noise.shape[0], self.batch_size):
             rows = slice(start, start + self.batch_size)
             kwargs = {k: (v[rows] if torch.is_tensor(v) and v.shape[:1] == self.noise.shape[:1] else v)
                       for k, v in self.model_kwargs.items()}
-            gen = torch.Generator(device=self.noise.device).manual_seed(self.seed * 1_000_003 + start)
+            gens = sample_generators(self.seed, range(start, min(start + self.batch_size, self.noise.shape[0])))
             with torch.no_grad():
-                parts.append(sample(model_fn, self.noise[rows], transport=self.transport, generator=gen,
+                parts.append(sample(model_fn, self.noise[rows], transport=self.transport, generator=gens,
                                     **settings, **kwargs).cpu())
         return torch.cat(parts)
 
