@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import sigkill_when
 from typer.testing import CliRunner
 
 import ucgm_convert as uc
@@ -16,8 +17,6 @@ from ucgm_convert.cli import app
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.recipe import load_recipe
 from ucgm_convert.searcher import at_nfe, search_outcome
-
-from conftest import sigkill_when
 
 runner = CliRunner()
 SHAPE = (3,)
