@@ -36,8 +36,8 @@ from torch import Tensor
 from .console import progress
 from .errors import UCGMError
 from .metrics.fid import FeatureStats, frechet_distance
-from .sampler import ModelFn, count_nfe, sample
-from .seeding import sample_generators
+from .sampler import ModelFn, count_nfe, num_grid_points, sample
+from .seeding import sample_seed
 from .transports import Transport, get_transport
 
 Features = Callable[[Tensor], np.ndarray]
@@ -91,8 +91,10 @@ class Structure:
             k = (nfe + 1) // 2
             gap_end = 0.0 if nfe % 2 == 0 else max(gap_end, 10.0**-DECIMALS)
             steps = 2 * k
+        # extrapolation starts at the third grid point: with fewer it changes nothing (one key, one trial)
+        extrapolation = values["extrapolation"] if num_grid_points(steps, self.order) >= 3 else 0.0
         found = {"steps": steps, "order": self.order, "stochasticity": values["stochasticity"],
-                 "extrapolation": values["extrapolation"], "time_dist": [values["a"], values["b"], values["c"]],
+                 "extrapolation": extrapolation, "time_dist": [values["a"], values["b"], values["c"]],
                  "gaps": [values["gap_start"], gap_end]}
         if "cfg_scale" in values:
             found |= {"cfg_scale": values["cfg_scale"], "cfg_interval": [values["cfg_lo"], values["cfg_hi"]]}
@@ -211,6 +213,7 @@ class Objective:
         self.model_fn, self.noise, self.transport, self.seed = model_fn, noise, transport, seed
         self.features, self.guided_fn, self.batch_size = features, guided_fn, batch_size
         self.model_kwargs = dict(model_kwargs)
+        self.row_seeds = [sample_seed(seed, i) for i in range(noise.shape[0])]  # CPU generators: any device
         self.ref = stats_of(self.features(self.generate(dict(reference), model_fn)))
 
     def generate(self, settings: dict[str, Any], model_fn: ModelFn) -> Tensor:
@@ -221,7 +224,8 @@ class Objective:
             rows = slice(start, start + self.batch_size)
             kwargs = {k: (v[rows] if torch.is_tensor(v) and v.shape[:1] == self.noise.shape[:1] else v)
                       for k, v in self.model_kwargs.items()}
-            gens = sample_generators(self.seed, range(start, min(start + self.batch_size, self.noise.shape[0])))
+            gens = [torch.Generator().manual_seed(s) for s in self.row_seeds[rows]] \
+                if settings.get("stochasticity", 0.0) != 0.0 else None
             with torch.no_grad():
                 parts.append(sample(model_fn, self.noise[rows], transport=self.transport, generator=gens,
                                     **settings, **kwargs).cpu())
@@ -249,15 +253,14 @@ def _to_unit(dims: Sequence[Dim], settings: Mapping[str, Any]) -> list[float]:
 
 
 def grid_points(dims: Sequence[Dim], starts: Sequence[Mapping[str, Any]]) -> list[list[float]]:
-    """The coarse grid: the start settings, then c (where the steps bunch) x extrapolation x end gap
-    around the uniform grid with the default gaps."""
+    """The coarse grid: the start settings, then c (where the steps bunch) x end gap x (extrapolation,
+    stochasticity) in {(0, 0), (0.5, 0.2)}, with a = b = 1 and the default start gap."""
     points = [_to_unit(dims, s) for s in starts]
-    base = {"time_dist": (1.0, 1.0, 1.0), "gaps": (0.001, 0.001), "cfg_scale": 1.0}
     for c in (0.5, 1.0, 2.0):
-        for lam in (0.0, 0.5):
-            for g1 in (0.001, 0.3):
-                points.append(_to_unit(dims, {**base, "time_dist": (1.0, 1.0, c), "extrapolation": lam,
-                                              "gaps": (0.001, g1)}))
+        for g1 in (0.001, 0.3, 0.6):
+            for lam, rho in ((0.0, 0.0), (0.5, 0.2)):
+                points.append(_to_unit(dims, {"time_dist": (1.0, 1.0, c), "extrapolation": lam, "stochasticity": rho,
+                                              "gaps": (0.001, g1), "cfg_scale": 1.0}))
     return points
 
 
