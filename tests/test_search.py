@@ -104,7 +104,9 @@ def test_command_writes_a_recipe_per_budget_usable_with_from(tmp_path: Path) -> 
         recipe = load_recipe(out / f"nfe-{nfe}.yaml")
         assert recipe.sampling.sampler_nfe == nfe and recipe.checkpoint == "embedded:demo"
     table = json.loads((out / "table.json").read_text())["rows"]
-    assert {(r["nfe"], r["method"]) for r in table} >= {(2, "searched"), (3, "base settings")}
+    assert {(r["nfe"], r["method"]) for r in table} == {(n, m) for n in (2, 3) for m in
+                                                         ("searched", "base settings", "UniPC", "DPM-Solver++ 2M")}
+    assert "Frechet distance to the many-step reference" in result.output
     assert (out / "distance.png").read_bytes()[:4] == b"\x89PNG"
     sampled = runner.invoke(app, ["sample", "--from", str(out / "nfe-2.yaml"), "--num", "2", "--out",
                                   str(tmp_path / "x")])

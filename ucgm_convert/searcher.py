@@ -236,8 +236,12 @@ class Objective:
         fn = self.model_fn
         if "cfg_scale" in settings and self.guided_fn is not None:
             fn = self.guided_fn(settings["cfg_scale"], tuple(settings["cfg_interval"]))
+        return self.distance(self.generate(sample_kwargs, fn))
+
+    def distance(self, samples: Tensor) -> float:
+        """Frechet distance of any samples (e.g. another solver's, of the same noise) to the reference."""
         with np.errstate(all="ignore"):
-            return frechet_to(self.features(self.generate(sample_kwargs, fn)), self.ref)
+            return frechet_to(self.features(samples), self.ref)
 
 
 def _to_unit(dims: Sequence[Dim], settings: Mapping[str, Any]) -> list[float]:

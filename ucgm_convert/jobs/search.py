@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from pydantic import BeforeValidator, Field
 
+from ..baselines import run_baseline
 from ..console import SILENT, Reporter
 from ..foundation import DTYPES, output_folder, resolve_device, write_file_atomic, write_text_atomic
-from ..generation import balanced_labels, model_fn
+from ..generation import balanced_labels, batches, model_fn
 from ..model import GenerativeModel
 from ..recipe import Recipe
 from ..sampler import ModelFn
@@ -41,6 +42,7 @@ from .source import ArchOverrides, ModelSource, Resolved, resolve
 
 OWNED = ("nfe-*.yaml", "trials-nfe-*.jsonl", "table.csv", "table.json", "distance.png")
 MAX_NFE = 1000
+BASELINES = {"UniPC": "unipc", "DPM-Solver++ 2M": "dpm++2m"}  # diffusers' schedulers (ucgm_convert.baselines)
 
 
 def _nfe_list(value: object) -> object:
@@ -175,7 +177,9 @@ def run(config: SearchConfig, reporter: Reporter = SILENT) -> SearchResult:
 def measure(model: GenerativeModel, base: SamplingSettings, found: dict[int, dict[str, Any]], config: SearchConfig,
             features: Callable[[torch.Tensor], np.ndarray], reference: dict[str, Any],
             reporter: Reporter) -> list[dict[str, Any]]:
-    """Distance to the many-step reference on fresh noise (seed + 1): found, base-at-N and baseline rows."""
+    """Distance to the many-step reference on fresh noise (seed + 1) of the found settings, the base settings
+    moved to N evaluations and diffusers' UniPC and DPM-Solver++ 2M (every transport: baselines.py maps
+    the flow sigma to the transport time of equal SNR; exact for Linear and ReLinear)."""
     fn = model_fn(model, base, config.dtype)
     seed = config.seed + 1
     noise = torch.randn((config.num_samples, *model.latent_shape),
@@ -188,8 +192,14 @@ def measure(model: GenerativeModel, base: SamplingSettings, found: dict[int, dic
         rows.append({"nfe": nfe, "method": "searched", "distance": objective(settings)})
         rows.append({"nfe": nfe, "method": "base settings", "distance": objective(at_nfe(base.as_sample_kwargs(),
                                                                                         nfe))})
-    for row in rows:
-        reporter.info(f"NFE {row['nfe']:>3} {row['method']:<16} {row['distance']:.4g}")
+        for method, name in BASELINES.items():
+            samples = torch.cat([run_baseline(name, fn, noise[r], nfe=nfe, transport=model.transport,
+                                              y=labels[r]).samples.cpu()
+                                 for r in batches(config.num_samples, config.batch_size)])
+            rows.append({"nfe": nfe, "method": method, "distance": objective.distance(samples)})
+    reporter.table("Frechet distance to the many-step reference, fresh noise (lower is better)", {
+        f"NFE {nfe}": "   ".join(f"{r['method']} {r['distance']:.4g}" for r in rows if r["nfe"] == nfe)
+        for nfe in found})
     return rows
 
 
