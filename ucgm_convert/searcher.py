@@ -42,6 +42,7 @@ from .transports import Transport, get_transport
 
 Features = Callable[[Tensor], np.ndarray]
 GuidedFn = Callable[[float, tuple[float, float]], ModelFn]
+Stats = tuple[np.ndarray, np.ndarray]
 MAX_FEATURE_DIM = 2048  # larger latents are projected (fixed Gaussian map) to keep d x d covariances small
 DEFAULT_REFERENCE: dict[str, Any] = {"steps": 256, "order": 1}
 LOG_VERSION = 1
@@ -202,6 +203,7 @@ class Outcome:
     settings: dict[str, Any]
     distance: float
     trials: list[tuple[dict[str, Any], float]] = field(default_factory=list)
+    reference_stats: Stats | None = None  # (mu, sigma) of the reference: pass it on to search other budgets
 
 
 class Objective:
@@ -209,12 +211,12 @@ class Objective:
 
     def __init__(self, model_fn: ModelFn, noise: Tensor, transport: Transport, seed: int,
                  features: Features, reference: Mapping[str, Any], guided_fn: GuidedFn | None,
-                 batch_size: int, model_kwargs: Mapping[str, Any]) -> None:
+                 batch_size: int, model_kwargs: Mapping[str, Any], ref: Stats | None = None) -> None:
         self.model_fn, self.noise, self.transport, self.seed = model_fn, noise, transport, seed
         self.features, self.guided_fn, self.batch_size = features, guided_fn, batch_size
         self.model_kwargs = dict(model_kwargs)
         self.row_seeds = [sample_seed(seed, i) for i in range(noise.shape[0])]  # CPU generators: any device
-        self.ref = stats_of(self.features(self.generate(dict(reference), model_fn)))
+        self.ref = ref if ref is not None else stats_of(self.features(self.generate(dict(reference), model_fn)))
 
     def generate(self, settings: dict[str, Any], model_fn: ModelFn) -> Tensor:
         """Samples of the fixed noise in batches; stochastic noise from one generator per row (seed, index), so
@@ -331,6 +333,7 @@ def search_outcome(
     batch_size: int = 1024,
     device: torch.device | str | None = None,
     show_progress: bool = True,
+    reference_stats: Stats | None = None,
     **model_kwargs: Any,
 ) -> Outcome:
     """`search` with its record: the best setting, its distance on the search noise and every trial.
@@ -338,6 +341,8 @@ def search_outcome(
     `guided_fn(scale, interval)` (optional) returns the guided model_fn: guidance scale and interval
     are then searched too, against the same reference (model_fn at `reference` settings).
     `log`: the JSONL trial log that makes the search resumable; `fingerprint` names the model in it.
+    `reference_stats`: the reference's (mu, sigma) from an earlier `Outcome` of the same model, noise and
+    reference settings (other budgets), so the many-step reference is drawn once.
     """
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise UCGMError(f"nfe must be an integer >= 1, got {nfe!r}")
@@ -355,8 +360,10 @@ def search_outcome(
     with progress("trial", "best", enabled=show_progress) as bar:
         task = bar.add_task(f"search NFE {nfe}", total=trials, best="")
         objective = Objective(model_fn, noise, transport, seed, features or latent_features(), reference,
-                              guided_fn, batch_size, model_kwargs)
-        return _Search(objective, nfe, dims, trial_log, trials, seed, bar, task).run(start)
+                              guided_fn, batch_size, model_kwargs, reference_stats)
+        outcome = _Search(objective, nfe, dims, trial_log, trials, seed, bar, task).run(start)
+    outcome.reference_stats = objective.ref
+    return outcome
 
 
 def _digest(noise: Tensor, model_kwargs: Mapping[str, Any]) -> str:

@@ -154,7 +154,7 @@ def run(config: SearchConfig, reporter: Reporter = SILENT) -> SearchResult:
     reference = {"steps": config.reference_steps, "order": 1}
     starts = [base.as_sample_kwargs()] + ([recipe.few_step_sampling.as_sample_kwargs()]
                                            if recipe.few_step_sampling is not None else [])
-    result = SearchResult({}, {})
+    result, ref = SearchResult({}, {}), None
     for nfe in config.nfe:
         outcome = search_outcome(
             fn, model.latent_shape, model.transport, nfe, config.num_samples, config.seed, trials=config.trials,
@@ -162,7 +162,9 @@ def run(config: SearchConfig, reporter: Reporter = SILENT) -> SearchResult:
             guided_fn=_guided(model, base, config.dtype) if config.search_guidance else None,
             log=out / f"trials-nfe-{nfe}.jsonl", fingerprint={"source": resolved.source, "features": config.features,
                                                              "dtype": config.dtype},
-            batch_size=config.batch_size, device=device, show_progress=reporter.enabled, y=labels)
+            batch_size=config.batch_size, device=device, show_progress=reporter.enabled, reference_stats=ref,
+            y=labels)
+        ref = outcome.reference_stats
         assert nfe_of(outcome.settings) == nfe
         settings = base.replace(**outcome.settings)
         path = out / f"nfe-{nfe}.yaml"
