@@ -143,7 +143,7 @@ def test_repa_e_values_spelled_out() -> None:
     r = load_recipe("repa-e")
     assert r.sampling.as_sample_kwargs() == {
         "steps": 40, "order": 1, "stochasticity": 0.0, "extrapolation": 0.54,
-        "time_dist": (1.2, 0.72, 1.2), "gaps": (0.001, 0.002),
+        "time_dist": (1.2, 0.72, 1.2), "gaps": (0.001, 0.002), "solver": "ucgm", "encoder_refresh": 1,
     }
     assert (r.sampling.cfg_scale, r.sampling.cfg_interval) == (2.5, (0.0, 0.76))
     assert r.sampling.guidance_kwargs() == {"scale": 2.5, "interval": (0.0, 0.76), "channels": None}

@@ -8,18 +8,21 @@ from .guidance import guided
 from .loading import load
 from .model import GenerativeModel, ModelConfig
 from .objective import UCGMObjective
-from .sampler import count_nfe, sample, time_grid
+from .sampler import count_encoder_evals, count_nfe, sample, time_grid
 from .searcher import search
+from .sharing import EncoderUse
 from .transports import TRANSPORTS, Transport, get_transport
 
 __all__ = [
     "TRANSPORTS",
+    "EncoderUse",
     "GenerativeModel",
     "ModelConfig",
     "Transport",
     "UCGMError",
     "UCGMObjective",
     "__version__",
+    "count_encoder_evals",
     "count_nfe",
     "get_transport",
     "guided",

@@ -88,6 +88,11 @@ class GenerativeModel(nn.Module):
         return self.cfg.recipe
 
     @property
+    def shares_encoder(self) -> bool:
+        """True when the network may reuse its condition encoder across steps (`uc.sample(encoder_refresh=)`)."""
+        return bool(getattr(self.net, "shares_encoder", False))
+
+    @property
     def guidance_channels(self) -> int | None:
         return self.cfg.guidance_channels
 

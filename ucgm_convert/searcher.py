@@ -8,7 +8,7 @@ features of `num_samples` low-NFE samples and of a reference set drawn once from
 and labels with `reference` settings (many Euler steps). The noise (and the stochastic-step
 noise) is the same in every trial, so two settings are compared on equal draws.
 
-Search space: per structure (order 1; the reference's order 2 where the budget allows), the
+Search space: per structure (order 1, solver "multistep", the reference's order 2), the
 Kumaraswamy warp (a, b, c) in [1/4, 4] (log scale), extrapolation in [0, 1], stochasticity in [0, 1],
 start gap in [0, 0.2] and end gap in [0, 0.8]; optionally guidance scale and interval. Optimiser:
 a coarse grid over every structure, then CMA-ES (`cma`) from the best grid point in the unit cube
@@ -80,9 +80,10 @@ GUIDANCE_DIMS = (Dim("cfg_scale", 1.0, 4.0), Dim("cfg_lo", 0.0, 0.5), Dim("cfg_h
 
 @dataclass(frozen=True)
 class Structure:
-    """The discrete part of a setting: solver order (and its step count for the budget)."""
+    """The discrete part of a setting: solver and order (and so the step count for the budget)."""
 
     order: int
+    solver: str = "ucgm"
 
     def settings(self, nfe: int, values: Mapping[str, float]) -> dict[str, Any]:
         """`uc.sample` keywords spending exactly `nfe` evaluations (order 2: 2K-1 with an end gap, 2K without)."""
@@ -94,7 +95,7 @@ class Structure:
             steps = 2 * k
         # extrapolation starts at the third grid point: with fewer it changes nothing (one key, one trial)
         extrapolation = values["extrapolation"] if num_grid_points(steps, self.order) >= 3 else 0.0
-        found = {"steps": steps, "order": self.order, "stochasticity": values["stochasticity"],
+        found = {"steps": steps, "order": self.order, "solver": self.solver, "stochasticity": values["stochasticity"],
                  "extrapolation": extrapolation, "time_dist": [values["a"], values["b"], values["c"]],
                  "gaps": [values["gap_start"], gap_end]}
         if "cfg_scale" in values:
@@ -103,8 +104,9 @@ class Structure:
 
 
 def structures(nfe: int) -> list[Structure]:
-    """The solver structures that can spend exactly `nfe` evaluations."""
-    return [Structure(1)] + ([Structure(2)] if nfe >= 2 else [])
+    """The solver structures that can spend exactly `nfe` evaluations: order 1, the one-evaluation multistep
+    correction and the reference's order 2 (from 2 evaluations; with one they equal order 1)."""
+    return [Structure(1)] + ([Structure(1, "multistep"), Structure(2)] if nfe >= 2 else [])
 
 
 def latent_features(max_dim: int = MAX_FEATURE_DIM, seed: int = 0) -> Features:
@@ -398,7 +400,8 @@ def at_nfe(settings: Mapping[str, Any], nfe: int) -> dict[str, Any]:
     values = {"a": a, "b": b, "c": c, "extrapolation": settings.get("extrapolation", 0.0),
               "stochasticity": settings.get("stochasticity", 0.0), "gap_start": g0, "gap_end": g1}
     order = int(settings.get("order", 1)) if nfe >= 2 else 1
-    return Structure(order).settings(nfe, values)
+    solver = str(settings.get("solver", "ucgm")) if nfe >= 2 else "ucgm"
+    return Structure(order, solver).settings(nfe, values)
 
 
 def nfe_of(settings: Mapping[str, Any]) -> int:

@@ -78,8 +78,14 @@ class Resolved:
             if "steps" not in given:
                 raise UCGMError(f"{self.source}: stores no sampling settings and names no shipped recipe; pass "
                                 "--from RECIPE or --steps")
-            return SamplingSettings(**given)
-        return self.sampling.replace(**given)
+            settings = SamplingSettings(**given)
+        else:
+            settings = self.sampling.replace(**given)
+        if settings.encoder_refresh != 1 and not self.model.shares_encoder:
+            raise UCGMError(f"--encoder-refresh: {self.source}: the {self.model.cfg.arch} network has no shareable "
+                            f"condition encoder; expected 1 (recompute at every evaluation), "
+                            f"got {settings.encoder_refresh}")
+        return settings
 
 
 def _stored_recipe(path: Path, model: GenerativeModel) -> Recipe | None:

@@ -6,6 +6,8 @@ c = silu(t_emb + y_emb)); a decoder of the remaining blocks denoises the x strea
 conditioned per token on silu(t_emb + s). Blocks use RMSNorm, qk-RMSNorm, 2-D RoPE and SwiGLU.
 State-dict keys equal upstream's (x_embedder.proj, s_embedder.proj, t_embedder.mlp,
 y_embedder.embedding_table, blocks.N.{norm1,attn,norm2,mlp,adaLN_modulation.0}, final_layer).
+The encoder's output silu(t_emb + s) is computed through `sharing.shared_encoder`, so a sampler
+may reuse it across adjacent steps (the paper's encoder sharing; upstream `state_refresh_rate`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..sharing import shared_encoder
 from .blocks import LabelEmbedder, TimestepEmbedder
 from .layers import RMSNorm
 
@@ -131,6 +134,8 @@ class DDT(nn.Module):
     t is raw in [0, 1] (t=0 noise, t=1 data); y == num_classes is the null class.
     """
 
+    shares_encoder = True  # the condition stream s may be reused across sampler steps (see `sharing`)
+
     def __init__(
         self,
         in_channels: int = 4,
@@ -162,6 +167,14 @@ class DDT(nn.Module):
         self.blocks = nn.ModuleList(DDTBlock(hidden_size, num_heads, mlp_hidden) for _ in range(depth))
         self.final_layer = DDTFinalLayer(hidden_size, patch_values)
 
+    def encode(self, tokens: Tensor, t_emb: Tensor, y: Tensor, angles: Tensor) -> Tensor:
+        """The decoder's condition silu(t_emb + enc(tokens)), the encoder adaLN-conditioned on silu(t_emb + y_emb)."""
+        c = F.silu(t_emb + self.y_embedder(y).unsqueeze(1))
+        s = self.s_embedder(tokens)
+        for block in self.blocks[: self.encoder_depth]:
+            s = block(s, c, angles)
+        return F.silu(t_emb + s)
+
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         height, width = x.shape[-2:]
         p = self.patch_size
@@ -169,11 +182,7 @@ class DDT(nn.Module):
         # tokens row-major over the (H/p, W/p) grid, values ordered (C, p, p) as torch's unfold
         tokens = F.unfold(x, kernel_size=p, stride=p).transpose(1, 2)
         t_emb = self.t_embedder(t.reshape(-1)).unsqueeze(1)
-        c = F.silu(t_emb + self.y_embedder(y).unsqueeze(1))
-        s = self.s_embedder(tokens)
-        for block in self.blocks[: self.encoder_depth]:
-            s = block(s, c, angles)
-        s = F.silu(t_emb + s)
+        s = shared_encoder(self, x.shape[0], lambda: self.encode(tokens, t_emb, y, angles))
         h = self.x_embedder(tokens)
         for block in self.blocks[self.encoder_depth:]:
             h = block(h, s, angles)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Any, ClassVar, Literal
 
 import annotated_types as at
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from ..sampler import count_nfe, time_grid
+from ..sampler import SOLVERS, count_encoder_evals, count_nfe, time_grid
 from ..transports import Transport
 from .base import UNIT, Float, Hint, Int, Settings, checked, choice, floats
 
@@ -45,11 +45,26 @@ class SamplingSettings(Settings):
     cfg_channels: Literal["model", "all"] = Field(
         default="model", description="'model': the channels the family's published guidance touches "
                                      "(LightningDiT: the first 3); 'all': every channel.")
+    solver: choice(*SOLVERS) = Field(  # type: ignore[valid-type]
+        default="ucgm", description="'ucgm': the reference's step (order 1 or 2); 'multistep': order 1 plus "
+                                    "a DPM-Solver++(2M)-style correction from the previous prediction, "
+                                    "second order at one evaluation per step.")
+    encoder_refresh: Int = Field(
+        default=1, ge=1, le=MAX_STEPS, description="Recompute a shared condition encoder every n-th evaluation "
+                                                   "(models whose network shares it); 1 = every evaluation.")
 
-    SAMPLE_KEYS: ClassVar[tuple[str, ...]] = ("steps", "order", "stochasticity", "extrapolation", "time_dist", "gaps")
+    SAMPLE_KEYS: ClassVar[tuple[str, ...]] = ("steps", "order", "stochasticity", "extrapolation", "time_dist", "gaps",
+                                              "solver", "encoder_refresh")
+
+    @model_validator(mode="after")
+    def _multistep_is_order_one(self) -> SamplingSettings:
+        if self.solver == "multistep" and self.order != 1:
+            raise ValueError(f"solver 'multistep' evaluates the model once per step: order must be 1, got {self.order}")
+        return self
 
     def as_sample_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `uc.sample` (steps, order, stochasticity, extrapolation, time_dist, gaps)."""
+        """Keyword arguments for `uc.sample` (steps, order, stochasticity, extrapolation, time_dist, gaps,
+        solver, encoder_refresh)."""
         return {key: getattr(self, key) for key in self.SAMPLE_KEYS}
 
     def guidance_kwargs(self) -> dict[str, Any]:
@@ -74,8 +89,16 @@ class SamplingSettings(Settings):
 
     @property
     def nfe_label(self) -> str:
-        """NFE as the paper writes it: "40x2" with CFG (batched cond+uncond), else "40"."""
-        return f"{self.sampler_nfe}x2" if self.uses_guidance else str(self.sampler_nfe)
+        """NFE as the paper writes it: "40x2" with CFG (batched cond+uncond), else "40"; with a shared
+        encoder its evaluations follow: "40x2 (encoder 20x2)"."""
+        times = "x2" if self.uses_guidance else ""
+        shared = f" (encoder {self.encoder_evals}{times})" if self.encoder_refresh != 1 else ""
+        return f"{self.sampler_nfe}{times}{shared}"
+
+    @property
+    def encoder_evals(self) -> int:
+        """Evaluations of a shared condition encoder per sample (`uc.count_encoder_evals`), without CFG doubling."""
+        return count_encoder_evals(self.steps, self.order, self.gaps, self.encoder_refresh)
 
     def evaluations(self, transport: str | Transport) -> int:
         """Exact network evaluations per sample: those at a time inside cfg_interval count twice."""
