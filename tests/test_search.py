@@ -137,3 +137,11 @@ def test_kill_9_mid_search_then_resume_gives_the_same_recipe(tmp_path: Path) -> 
     subprocess.run([*args, "--out", str(tmp_path / "cut")], check=True, capture_output=True)
     whole, cut = (tmp_path / "whole" / "nfe-2.yaml").read_text(), (tmp_path / "cut" / "nfe-2.yaml").read_text()
     assert whole == cut
+
+
+def test_missing_feature_weights_are_one_error_line(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["search", "--features", "inception", "--feature-weights",
+                                 str(tmp_path / "missing.pth"), "--nfe", "2", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().startswith("error:") and "missing.pth" in result.output
+    assert len(result.output.strip().splitlines()) == 1

@@ -31,17 +31,21 @@ from ..baselines import run_baseline
 from ..console import SILENT, Reporter
 from ..foundation import DTYPES, output_folder, resolve_device, write_file_atomic, write_text_atomic
 from ..generation import balanced_labels, batches, model_fn
+from ..metrics.dinov2 import load_dinov2
+from ..metrics.inception import load_inception
 from ..model import GenerativeModel
 from ..recipe import Recipe
 from ..sampler import ModelFn
 from ..searcher import Objective, at_nfe, latent_features, nfe_of, search_outcome
 from ..settings import SamplingSettings
 from ..settings.base import Bool, Int, Settings, choice
-from ..vae import decode
+from ..vae import decode, to_uint8
 from .source import ArchOverrides, ModelSource, Resolved, resolve
 
 OWNED = ("nfe-*.yaml", "trials-nfe-*.jsonl", "table.csv", "table.json", "distance.png")
 MAX_NFE = 1000
+FEATURES = ("latent", "pixel", "inception", "dinov2")
+DECODE_BATCH = 64
 BASELINES = {"UniPC": "unipc", "DPM-Solver++ 2M": "dpm++2m"}  # diffusers' schedulers (ucgm_convert.baselines)
 
 
@@ -69,9 +73,12 @@ class SearchConfig(Settings):
     num_samples: Int = Field(default=4096, ge=16, le=1_000_000, description="Samples per trial (fixed noise).")
     reference_steps: Int = Field(default=256, ge=2, le=10_000,
                                  description="Euler steps of the reference set the distance is measured to.")
-    features: choice("latent", "pixel") = Field(default="latent",  # type: ignore[valid-type]
-                                                description="Feature space of the Frechet distance: the latents, "
-                                                            "or the VAE-decoded pixels.")
+    features: choice(*FEATURES) = Field(default="latent",  # type: ignore[valid-type]
+                                        description="Feature space of the Frechet distance: the latents, the "
+                                                    "VAE-decoded pixels, or Inception pool3 / DINOv2 features "
+                                                    "of the decoded images.")
+    feature_weights: Path | None = Field(default=None, description="Inception (torch-fidelity) or DINOv2 weights "
+                                         "for --features inception|dinov2. Default: the cached download.")
     search_guidance: Bool = Field(default=False, description="Also search the guidance scale and interval "
                                   "(target: the base settings' guided samples at many steps).")
     seed: Int = Field(default=0, ge=0, le=2**31 - 1, description="Seed of the search noise (seed + 1: the table's).")
@@ -109,18 +116,29 @@ def base_recipe(resolved: Resolved) -> Recipe:
                   sampling=resolved.sampling or SamplingSettings(steps=16))
 
 
-def feature_fn(model: GenerativeModel, kind: str, vae_module: Any) -> Callable[[torch.Tensor], np.ndarray]:
-    """Latent features, or the decoded images in [0, 1] (projected above 2048 dimensions)."""
+def feature_fn(model: GenerativeModel, config: SearchConfig, vae_source: str | None,
+               device: torch.device) -> Callable[[torch.Tensor], np.ndarray]:
+    """Latent features; or of the decoded images: their pixels in [0, 1] (projected above 2048 dimensions),
+    Inception pool3 (2048) or DINOv2 CLS (1024) features of their uint8 values."""
     flat = latent_features()
-    if kind == "latent":
+    if config.features == "latent":
         return flat
+    vae_module = model.load_vae(vae_source)
+    network: Callable[[torch.Tensor], Any] | None = None
+    if config.features == "inception":
+        inception = load_inception(config.feature_weights, device)
+        network = lambda images: inception(images)[0]  # noqa: E731  (pool3 of the (pool, logits) pair)
+    elif config.features == "dinov2":
+        network = load_dinov2(config.feature_weights, device)
 
-    def pixels(x: torch.Tensor) -> np.ndarray:
-        images = torch.cat([decode(x[i : i + 64].to(model.device), model.cfg.vae, vae_module).float().cpu()
-                            for i in range(0, x.shape[0], 64)])
-        return flat(images)
+    def decoded(x: torch.Tensor) -> np.ndarray:
+        parts = []
+        for i in range(0, x.shape[0], DECODE_BATCH):
+            images = decode(x[i : i + DECODE_BATCH].to(model.device), model.cfg.vae, vae_module).float().cpu()
+            parts.append(flat(images) if network is None else np.asarray(network(to_uint8(images)), np.float64))
+        return np.concatenate(parts)
 
-    return pixels
+    return decoded
 
 
 def _guided(model: GenerativeModel, base: SamplingSettings, dtype: str) -> Callable[[float, tuple[float, float]],
@@ -143,8 +161,7 @@ def run(config: SearchConfig, reporter: Reporter = SILENT) -> SearchResult:
     base = recipe.sampling
     fn = model_fn(model, base, config.dtype)
     labels = torch.as_tensor(balanced_labels(config.num_samples, range(model.num_classes)), device=device)
-    features = feature_fn(model, config.features, model.load_vae(config.source.vae) if config.features == "pixel"
-                          else None)
+    features = feature_fn(model, config, config.source.vae, device)
     reporter.table(f"Search (base: {resolved.origin})", {
         "model": f"{model.family} ({model.cfg.arch}, {model.transport.name})", "budgets (NFE)": config.nfe,
         "trials / samples": f"{config.trials} / {config.num_samples}",
@@ -168,7 +185,10 @@ def run(config: SearchConfig, reporter: Reporter = SILENT) -> SearchResult:
         assert nfe_of(outcome.settings) == nfe
         settings = base.replace(**outcome.settings)
         path = out / f"nfe-{nfe}.yaml"
-        write_text_atomic(path, recipe.replace(name=f"{recipe.name}-nfe-{nfe}", sampling=settings).to_yaml())
+        # the recipe's own name: everything but `sampling` behaves as the base recipe (e.g. tune's demo data)
+        found = recipe.replace(description=f"{recipe.description} (sampling: `ucgm search`, {nfe} NFE)".strip(),
+                               sampling=settings)
+        write_text_atomic(path, found.to_yaml())
         result.recipes[nfe], result.found[nfe] = path, outcome.settings
         reporter.info(f"NFE {nfe}: distance {outcome.distance:.4g} on the search noise; wrote {path}")
     result.rows = measure(model, base, result.found, config, features, reference, reporter)
