@@ -13,6 +13,7 @@ from conftest import sigkill_when
 from typer.testing import CliRunner
 
 import ucgm_convert as uc
+from ucgm_convert.analytic import GaussianMixture
 from ucgm_convert.cli import app
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.recipe import load_recipe
@@ -145,3 +146,23 @@ def test_missing_feature_weights_are_one_error_line(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert result.output.strip().startswith("error:") and "missing.pth" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_guidance_is_searched_against_the_guided_many_step_target() -> None:
+    gm = GaussianMixture.random(dim=3, components=3, seed=0, transport="Linear")
+    labels = torch.arange(64) % 3
+    target = uc.guided(gm, 2.0)  # the reference: many steps at scale 2
+
+    def guided_fn(scale: float, interval: tuple[float, float]) -> object:
+        return uc.guided(gm, scale, interval)
+
+    start = [{"steps": 3, "cfg_scale": 2.0, "cfg_interval": (0.0, 1.0)}]
+    outcome = search_outcome(target, (3,), "Linear", 3, guided_fn=guided_fn, start=start, y=labels,
+                             **small(trials=75))
+    found = outcome.settings
+    assert 1.0 <= found["cfg_scale"] <= 4.0 and 0.0 <= found["cfg_interval"][0] <= found["cfg_interval"][1] <= 1.0
+    assert len({s["cfg_scale"] for s, _ in outcome.trials}) > 3  # the scale is a searched dimension
+    sample_kwargs = {k: v for k, v in found.items() if not k.startswith("cfg_")}
+    counted = Counted()
+    uc.sample(lambda x, t: counted(x, t), torch.randn(4, 3), transport="Linear", **sample_kwargs)
+    assert counted.calls == 3

@@ -262,13 +262,14 @@ def _to_unit(dims: Sequence[Dim], settings: Mapping[str, Any]) -> list[float]:
 
 def grid_points(dims: Sequence[Dim], starts: Sequence[Mapping[str, Any]]) -> list[list[float]]:
     """The coarse grid: the start settings, then c (where the steps bunch) x end gap x (extrapolation,
-    stochasticity) in {(0, 0), (0.5, 0.2)}, with a = b = 1 and the default start gap."""
+    stochasticity) in {(0, 0), (0.5, 0.2)}, with a = b = 1, the default start gap and the first start's guidance."""
     points = [_to_unit(dims, s) for s in starts]
+    guidance = {k: v for k, v in (starts[0] if starts else {}).items() if k.startswith("cfg_")}
     for c in (0.5, 1.0, 2.0):
         for g1 in (0.001, 0.3, 0.6):
             for lam, rho in ((0.0, 0.0), (0.5, 0.2)):
                 points.append(_to_unit(dims, {"time_dist": (1.0, 1.0, c), "extrapolation": lam, "stochasticity": rho,
-                                              "gaps": (0.001, g1), "cfg_scale": 1.0}))
+                                              "gaps": (0.001, g1), **guidance}))
     return points
 
 
@@ -401,7 +402,8 @@ def at_nfe(settings: Mapping[str, Any], nfe: int) -> dict[str, Any]:
               "stochasticity": settings.get("stochasticity", 0.0), "gap_start": g0, "gap_end": g1}
     order = int(settings.get("order", 1)) if nfe >= 2 else 1
     solver = str(settings.get("solver", "ucgm")) if nfe >= 2 else "ucgm"
-    return Structure(order, solver).settings(nfe, values)
+    guidance = {k: settings[k] for k in ("cfg_scale", "cfg_interval") if k in settings}
+    return {**Structure(order, solver).settings(nfe, values), **guidance}
 
 
 def nfe_of(settings: Mapping[str, Any]) -> int:

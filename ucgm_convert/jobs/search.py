@@ -169,8 +169,9 @@ def run(config: SearchConfig, reporter: Reporter = SILENT) -> SearchResult:
                      + (f" with CFG {base.cfg_scale}" if base.uses_guidance else ""),
         "searched": "sampler" + (" + guidance scale and interval" if config.search_guidance else "")})
     reference = {"steps": config.reference_steps, "order": 1}
-    starts = [base.as_sample_kwargs()] + ([recipe.few_step_sampling.as_sample_kwargs()]
-                                           if recipe.few_step_sampling is not None else [])
+    guidance = {"cfg_scale": base.cfg_scale, "cfg_interval": base.cfg_interval} if config.search_guidance else {}
+    starts = [{**base.as_sample_kwargs(), **guidance}] + ([recipe.few_step_sampling.as_sample_kwargs()]
+                                                          if recipe.few_step_sampling is not None else [])
     result, ref = SearchResult({}, {}), None
     for nfe in config.nfe:
         outcome = search_outcome(
