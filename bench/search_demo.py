@@ -44,7 +44,7 @@ def run(opts: Options, nfes: tuple[int, ...] = (2, 4, 8), trials: int = 30, sear
     labels = torch.as_tensor(balanced_labels(search_samples, range(model.num_classes)))
     ref = reference_stats(num)
     rows: list[list[Any]] = []
-    shared = None
+    shared: list = []
     for nfe in nfes:
         outcome = search_outcome(model_fn(model, base), model.latent_shape, model.transport, nfe, search_samples, 0,
                                  trials=trials, reference={"steps": 64}, start=[at_nfe(base.as_sample_kwargs(), nfe),
@@ -56,6 +56,7 @@ def run(opts: Options, nfes: tuple[int, ...] = (2, 4, 8), trials: int = 30, sear
                   for s in (found, base.replace(**at_nfe(base.as_sample_kwargs(), nfe)),
                             few.replace(**at_nfe(few.as_sample_kwargs(), nfe)))]
         rows.append([nfe, *scores, scores[0] < min(scores[1:]), json.dumps(outcome.settings)])
+        print(rows[-1], file=sys.stderr, flush=True)
     notes = [f"searched beats both recipe rows at {sum(r[4] for r in rows)}/{len(rows)} budgets; "
              f"{trials} trials of {search_samples} samples, {num} evaluation samples; CFG 1.5 doubles each NFE"]
     return Result("search_demo", TITLE, COLUMNS, rows, notes)

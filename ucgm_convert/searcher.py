@@ -12,9 +12,10 @@ Search space: per structure (order 1, solver "multistep", the reference's order 
 Kumaraswamy warp (a, b, c) in [1/4, 4] (log scale), extrapolation in [0, 1], stochasticity in [0, 1],
 start gap in [0, 0.2] and end gap in [0, 0.8]; optionally guidance scale and interval. Optimiser:
 a coarse grid over every structure, then CMA-ES (`cma`) from the best grid point in the unit cube
-for the rest of the trial budget. Each trial is one line of a JSONL log (written with one append
-and fsync); a resumed search replays the same deterministic optimiser and reads back the logged
-distances, so it ends with the same result as an uninterrupted one.
+for the rest of the trial budget; the `validate` best settings (and the starts) are then re-measured
+on independent validation noise and the pick minimises the mean of both distances. Each trial is one
+line of a JSONL log (written with one append and fsync); a resumed search replays the same
+deterministic optimiser and reads back the logged distances, so it ends with the same result as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ Stats = tuple[np.ndarray, np.ndarray]
 MAX_FEATURE_DIM = 2048  # larger latents are projected (fixed Gaussian map) to keep d x d covariances small
 DEFAULT_REFERENCE: dict[str, Any] = {"steps": 256, "order": 1}
 LOG_VERSION = 1
+VALIDATION_OFFSET = 1 << 20  # validation noise seed = seed + this (the job's fresh table noise is seed + 1)
 DECIMALS = 4  # settings are rounded before evaluation, so what is written is exactly what was measured
 
 
@@ -205,7 +207,8 @@ class Outcome:
     settings: dict[str, Any]
     distance: float
     trials: list[tuple[dict[str, Any], float]] = field(default_factory=list)
-    reference_stats: Stats | None = None  # (mu, sigma) of the reference: pass it on to search other budgets
+    reference_stats: list[Stats] = field(default_factory=list)  # search and validation references, for other budgets
+    validated: list[tuple[dict[str, Any], float, float]] = field(default_factory=list)  # (settings, search, validation)
 
 
 class Objective:
@@ -277,15 +280,20 @@ class _Search:
     """Grid then CMA-ES over one budget, every evaluation cached in the trial log."""
 
     def __init__(self, objective: Callable[[dict[str, Any]], float], nfe: int, dims: Sequence[Dim],
-                 log: TrialLog, budget: int, seed: int, bar: Any, task: Any) -> None:
+                 log: TrialLog, budget: int, seed: int, bar: Any, task: Any,
+                 validation: Callable[[dict[str, Any]], float] | None = None, top: int = 0) -> None:
         self.objective, self.nfe, self.dims, self.log = objective, nfe, dims, log
+        self.validation, self.top = validation, top
+        self.start_keys: set[str] = set()  # the start settings in their own structure: always validated
         self.budget, self.seed, self.bar, self.task = budget, seed, bar, task
         self.trials: list[tuple[dict[str, Any], float]] = []
         self.best: tuple[float, dict[str, Any]] | None = None
 
-    def evaluate(self, structure: Structure, u: Sequence[float]) -> float:
+    def evaluate(self, structure: Structure, u: Sequence[float], start: bool = False) -> float:
         settings = structure.settings(self.nfe, {d.name: d.value(x) for d, x in zip(self.dims, u, strict=True)})
         key = json.dumps(settings, sort_keys=True)
+        if start:
+            self.start_keys.add(key)
         distance = self.log.cache.get(key)
         if distance is None:
             distance = self.objective(settings)
@@ -301,9 +309,11 @@ class _Search:
         grid = grid_points(self.dims, starts)
         scored = []
         for structure in structures(self.nfe):
-            for u in grid:
+            for i, u in enumerate(grid):
+                own = i < len(starts) and (starts[i].get("order", 1), starts[i].get("solver", "ucgm")) == \
+                    (structure.order, structure.solver)
                 if len(self.trials) < self.budget:
-                    scored.append((self.evaluate(structure, u), structure, u))
+                    scored.append((self.evaluate(structure, u, own), structure, u))
         _, structure, x0 = min(scored, key=lambda s: s[0])
         es = cma.CMAEvolutionStrategy(x0, 0.2, {"bounds": [0.0, 1.0], "seed": self.seed + 1,
                                                 "verbose": -9, "tolfun": 1e-12})
@@ -315,7 +325,32 @@ class _Search:
                 break
             es.tell(xs, [v if math.isfinite(v) else 1e30 for v in values])
         assert self.best is not None
-        return Outcome(self.best[1], self.best[0], self.trials)
+        if self.validation is None or self.top < 1:
+            return Outcome(self.best[1], self.best[0], self.trials)
+        return self.validated()
+
+    def validated(self) -> Outcome:
+        """The `top` best distinct settings and the start settings re-measured on independent validation noise;
+        the pick minimises the mean of both distances (a single noise draw rewards settings that fit its chance
+        fluctuations), so it is never worse than a start setting by that mean."""
+        assert self.validation is not None
+        distinct = {json.dumps(s, sort_keys=True): (d, s) for s, d in self.trials}
+        ranked = sorted(distinct.items(), key=lambda kv: kv[1][0])
+        chosen = ranked[: self.top] + [kv for kv in ranked[self.top :] if kv[0] in self.start_keys]
+        best: tuple[float, dict[str, Any]] | None = None
+        checked = []
+        for key, (distance, settings) in chosen:
+            check = self.log.cache.get("validation " + key)
+            if check is None:
+                check = self.validation(settings)
+                self.log.record("validation " + key, check)
+            score = (distance + check) / 2
+            checked.append((settings, distance, check))
+            if best is None or score < best[0]:
+                best = (score, settings)
+            self.bar.update(self.task, advance=1, best=f"validated {best[0]:.4g}")
+        assert best is not None
+        return Outcome(best[1], best[0], self.trials, validated=checked)
 
 
 def search_outcome(
@@ -336,7 +371,8 @@ def search_outcome(
     batch_size: int = 1024,
     device: torch.device | str | None = None,
     show_progress: bool = True,
-    reference_stats: Stats | None = None,
+    reference_stats: Sequence[Stats] = (),
+    validate: int = 5,
     **model_kwargs: Any,
 ) -> Outcome:
     """`search` with its record: the best setting, its distance on the search noise and every trial.
@@ -344,8 +380,9 @@ def search_outcome(
     `guided_fn(scale, interval)` (optional) returns the guided model_fn: guidance scale and interval
     are then searched too, against the same reference (model_fn at `reference` settings).
     `log`: the JSONL trial log that makes the search resumable; `fingerprint` names the model in it.
-    `reference_stats`: the reference's (mu, sigma) from an earlier `Outcome` of the same model, noise and
-    reference settings (other budgets), so the many-step reference is drawn once.
+    `validate`: the number of best settings re-measured on independent validation noise (0: none).
+    `reference_stats`: `Outcome.reference_stats` of an earlier search of the same model, noise and
+    reference settings (other budgets), so each many-step reference is drawn once.
     """
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise UCGMError(f"nfe must be an integer >= 1, got {nfe!r}")
@@ -357,16 +394,30 @@ def search_outcome(
     dims = SAMPLER_DIMS + (GUIDANCE_DIMS if guided_fn is not None else ())
     header = {"version": LOG_VERSION, "nfe": nfe, "transport": transport.name, "num_samples": num_samples,
               "seed": seed, "trials": trials, "reference": reference, "guidance": guided_fn is not None,
-              "start": [dict(s) for s in start], "fingerprint": dict(fingerprint or {}),
+              "start": [dict(s) for s in start], "fingerprint": dict(fingerprint or {}), "validate": validate,
               "inputs": _digest(noise, model_kwargs)}
     trial_log = TrialLog(Path(log) if log is not None else None, json.loads(json.dumps(header)))
     with progress("trial", "best", enabled=show_progress) as bar:
-        task = bar.add_task(f"search NFE {nfe}", total=trials, best="")
-        objective = Objective(model_fn, noise, transport, seed, features or latent_features(), reference,
-                              guided_fn, batch_size, model_kwargs, reference_stats)
-        outcome = _Search(objective, nfe, dims, trial_log, trials, seed, bar, task).run(start)
-    outcome.reference_stats = objective.ref
+        task = bar.add_task(f"search NFE {nfe}", total=trials + validate, best="")
+        features = features or latent_features()
+        objectives = [Objective(model_fn, n, transport, s, features, reference, guided_fn, batch_size, model_kwargs,
+                                ref) for n, s, ref in _inputs(noise, seed, validate, reference_stats, device)]
+        outcome = _Search(objectives[0], nfe, dims, trial_log, trials, seed, bar, task,
+                          objectives[-1] if validate else None, validate).run(start)
+    outcome.reference_stats = [o.ref for o in objectives]
     return outcome
+
+
+def _inputs(noise: Tensor, seed: int, validate: int, stats: Sequence[Stats],
+            device: torch.device | str | None) -> list[tuple[Tensor, int, Stats | None]]:
+    """(noise, seed, known reference statistics) of the search objective and, with `validate`, the validation one
+    (its own noise, seed + VALIDATION_OFFSET)."""
+    inputs: list[tuple[Tensor, int, Stats | None]] = [(noise, seed, stats[0] if stats else None)]
+    if validate:
+        other = seed + VALIDATION_OFFSET
+        val_noise = torch.randn(noise.shape, generator=torch.Generator().manual_seed(other)).to(device)
+        inputs.append((val_noise, other, stats[1] if len(stats) > 1 else None))
+    return inputs
 
 
 def _digest(noise: Tensor, model_kwargs: Mapping[str, Any]) -> str:

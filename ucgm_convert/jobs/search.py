@@ -172,7 +172,7 @@ def run(config: SearchConfig, reporter: Reporter = SILENT) -> SearchResult:
     guidance = {"cfg_scale": base.cfg_scale, "cfg_interval": base.cfg_interval} if config.search_guidance else {}
     starts = [{**base.as_sample_kwargs(), **guidance}] + ([recipe.few_step_sampling.as_sample_kwargs()]
                                                           if recipe.few_step_sampling is not None else [])
-    result, ref = SearchResult({}, {}), None
+    result, ref = SearchResult({}, {}), []
     for nfe in config.nfe:
         outcome = search_outcome(
             fn, model.latent_shape, model.transport, nfe, config.num_samples, config.seed, trials=config.trials,
