@@ -98,7 +98,7 @@ def case_rows(case: Case, nfes: tuple[int, ...], trials: int, n_search: int, n_f
     return rows
 
 
-def run(opts: Options, trials: int = 100) -> Result:
+def run(opts: Options, trials: int = 150) -> Result:
     """The proof table (`trials` per search); quick: one small mixture at NFE 2 and 4, 80 trials."""
     torch.manual_seed(0)
     cases, nfes = (QUICK, (2, 4)) if opts.quick else (FULL, (2, 4, 6, 8, 10))
@@ -126,7 +126,7 @@ def markdown(result: Result) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one small mixture, NFE 2 and 4")
-    parser.add_argument("--trials", type=int, default=100, help="trials per search")
+    parser.add_argument("--trials", type=int, default=150, help="trials per search")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)

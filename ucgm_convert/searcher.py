@@ -263,13 +263,14 @@ def _to_unit(dims: Sequence[Dim], settings: Mapping[str, Any]) -> list[float]:
     return [d.unit(named[d.name]) for d in dims]
 
 
-def grid_points(dims: Sequence[Dim], starts: Sequence[Mapping[str, Any]]) -> list[list[float]]:
-    """The coarse grid: the start settings, then c (where the steps bunch) x end gap x (extrapolation,
-    stochasticity) in {(0, 0), (0.5, 0.2)}, with a = b = 1, the default start gap and the first start's guidance."""
+def grid_points(dims: Sequence[Dim], starts: Sequence[Mapping[str, Any]], nfe: int) -> list[list[float]]:
+    """The coarse grid: the start settings, then c (where the steps bunch) x end gap (0.001, 0.5 / nfe: the last
+    step of a uniform grid, 0.3, 0.6) x (extrapolation, stochasticity) in {(0, 0), (0.5, 0.2)}, with a = b = 1,
+    the default start gap and the first start's guidance."""
     points = [_to_unit(dims, s) for s in starts]
     guidance = {k: v for k, v in (starts[0] if starts else {}).items() if k.startswith("cfg_")}
-    for c in (0.5, 1.0, 2.0):
-        for g1 in (0.001, 0.3, 0.6):
+    for c in (0.67, 1.0, 1.5):
+        for g1 in dict.fromkeys((0.001, round(0.5 / nfe, DECIMALS), 0.3, 0.6)):
             for lam, rho in ((0.0, 0.0), (0.5, 0.2)):
                 points.append(_to_unit(dims, {"time_dist": (1.0, 1.0, c), "extrapolation": lam, "stochasticity": rho,
                                               "gaps": (0.001, g1), **guidance}))
@@ -306,7 +307,7 @@ class _Search:
 
     def run(self, starts: Sequence[Mapping[str, Any]]) -> Outcome:
         """The grid over every structure, then CMA-ES on the structure of the best grid point."""
-        grid = grid_points(self.dims, starts)
+        grid = grid_points(self.dims, starts, self.nfe)
         scored = []
         for structure in structures(self.nfe):
             for i, u in enumerate(grid):
