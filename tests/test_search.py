@@ -167,3 +167,16 @@ def test_guidance_is_searched_against_the_guided_many_step_target() -> None:
     counted = Counted()
     uc.sample(lambda x, t: counted(x, t), torch.randn(4, 3), transport="Linear", **sample_kwargs)
     assert counted.calls == 3
+
+
+def test_a_checkpoint_without_a_recipe_gets_one_built_from_its_config(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    result = runner.invoke(app, ["search", "--checkpoint", str(tiny_checkpoint), "--nfe", "3", "--trials", "2",
+                                 "--num-samples", "16", "--reference-steps", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    recipe = load_recipe(out / "nfe-3.yaml")
+    assert recipe.checkpoint == str(tiny_checkpoint) and recipe.transport == "Linear" and recipe.num_classes == 5
+    assert recipe.sampling.sampler_nfe == 3
+    sampled = runner.invoke(app, ["sample", "--from", str(out / "nfe-3.yaml"), "--num", "2", "--out",
+                                  str(tmp_path / "x")])
+    assert sampled.exit_code == 0, sampled.output
