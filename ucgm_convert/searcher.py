@@ -48,6 +48,7 @@ MAX_FEATURE_DIM = 2048  # larger latents are projected (fixed Gaussian map) to k
 DEFAULT_REFERENCE: dict[str, Any] = {"steps": 256, "order": 1}
 LOG_VERSION = 1
 VALIDATION_OFFSET = 1 << 20  # validation noise seed = seed + this (the job's fresh table noise is seed + 1)
+CMA_SIGMA = 0.08  # initial CMA-ES step in the unit cube: a local refinement of the best grid point
 DECIMALS = 4  # settings are rounded before evaluation, so what is written is exactly what was measured
 
 
@@ -316,7 +317,7 @@ class _Search:
                 if len(self.trials) < self.budget:
                     scored.append((self.evaluate(structure, u, own), structure, u))
         _, structure, x0 = min(scored, key=lambda s: s[0])
-        es = cma.CMAEvolutionStrategy(x0, 0.2, {"bounds": [0.0, 1.0], "seed": self.seed + 1,
+        es = cma.CMAEvolutionStrategy(x0, CMA_SIGMA, {"bounds": [0.0, 1.0], "seed": self.seed + 1,
                                                 "verbose": -9, "tolfun": 1e-12})
         while len(self.trials) < self.budget and not es.stop():
             xs = es.ask()
