@@ -159,7 +159,7 @@ def test_guidance_is_searched_against_the_guided_many_step_target() -> None:
 
     start = [{"steps": 3, "cfg_scale": 2.0, "cfg_interval": (0.0, 1.0)}]
     outcome = search_outcome(target, (3,), "Linear", 3, guided_fn=guided_fn, start=start, y=labels,
-                             **small(trials=75))
+                             **small(trials=100))
     found = outcome.settings
     assert 1.0 <= found["cfg_scale"] <= 4.0 and 0.0 <= found["cfg_interval"][0] <= found["cfg_interval"][1] <= 1.0
     assert len({s["cfg_scale"] for s, _ in outcome.trials}) > 3  # the scale is a searched dimension
