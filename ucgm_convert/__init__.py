@@ -9,6 +9,7 @@ from .loading import load
 from .model import GenerativeModel, ModelConfig
 from .objective import UCGMObjective
 from .sampler import count_encoder_evals, count_nfe, sample, time_grid
+from .searcher import search
 from .sharing import EncoderUse
 from .transports import TRANSPORTS, Transport, get_transport
 
@@ -29,5 +30,6 @@ __all__ = [
     "load_checkpoint",
     "sample",
     "save_checkpoint",
+    "search",
     "time_grid",
 ]

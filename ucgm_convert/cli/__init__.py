@@ -12,6 +12,7 @@ from .prepare import prepare_command
 from .push import push_command
 from .recipes import recipes_app
 from .sample import sample_command
+from .search import search_command
 from .tune import tune_command
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ app.add_typer(eval_app, name="eval")
 app.command("push")(push_command)
 app.command("tune")(tune_command)
 app.command("bench")(bench_command)
+app.command("search")(search_command)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from ..jobs.convert import ConvertConfig
 from ..jobs.evaluate import EvalConfig, RefConfig
 from ..jobs.prepare import PrepareConfig
 from ..jobs.sample import SampleConfig
+from ..jobs.search import SearchConfig
 from ..jobs.source import ArchOverrides, ModelSource, SamplingOverrides, SamplingSweep, TuningOverrides
 from ..jobs.tune import TuneConfig
 from ..settings import BenchSettings
@@ -26,3 +27,4 @@ PREPARE = Group(PrepareConfig, sections={"source": SOURCE, "arch": ARCH}, argume
 CONVERT = Group(ConvertConfig, sections={"arch": ARCH}, arguments=("checkpoint",))
 PUSH = Group(PushConfig, flags={"message": ("--message", "-m")}, arguments=("folder",))
 BENCH = Group(BenchSettings)
+SEARCH = Group(SearchConfig, sections={"source": SOURCE, "arch": ARCH})
