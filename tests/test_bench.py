@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_only_selects_known_benchmarks_and_names_the_bad_one() -> None:
     assert runner.selected(None) == list(runner.BENCHMARKS)
     assert runner.selected("quality, sampler") == ["quality", "sampler"]
+    # the long search proofs run only when named
+    assert runner.selected("search_proof") == ["search_proof"] and "search_proof" not in runner.selected(None)
     with pytest.raises(UCGMError, match=r"--only: expected names among .*got 'speed'"):
         runner.selected("speed")
 
@@ -36,7 +38,8 @@ def test_a_bad_only_is_one_error_line() -> None:
     result = CliRunner().invoke(app, ["--only", "nope", "--out", "unused"])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        "error: --only: expected names among sampler, guidance, tuning, loading, precision, quality, demo, got 'nope'"]
+        "error: --only: expected names among sampler, guidance, tuning, loading, precision, quality, demo, "
+        "search_proof, search_demo, got 'nope'"]
 
 
 def test_ratios_are_per_round_with_their_spread() -> None:
