@@ -26,6 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import NullFormatter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core import Options, Result
@@ -115,6 +116,7 @@ def plot(rows: list[list[Any]], path: Path) -> Path:
         ax.set(xscale="log", yscale="log", xlabel="NFE (model evaluations)", ylabel="Frechet distance to truth",
                title=f"{case[0]}, {case[1]}-D, {case[2]} components")
         ax.set_xticks(nfe, [str(n) for n in nfe])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
