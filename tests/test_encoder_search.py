@@ -13,7 +13,7 @@ import ucgm_convert as uc
 from ucgm_convert.cli import app
 from ucgm_convert.errors import UCGMError
 from ucgm_convert.recipe import load_recipe
-from ucgm_convert.searcher import refresh_dim, search_outcome
+from ucgm_convert.searcher import latent_features, refresh_dim, search_outcome
 
 runner = CliRunner()
 CKPT = Path(__file__).parent / "fixtures" / "ddt" / "ddt_tiny_lightning.ckpt"
@@ -27,7 +27,7 @@ def model() -> uc.GenerativeModel:
 def _small(model: uc.GenerativeModel, **kwargs: object) -> dict:
     labels = torch.arange(8) % model.num_classes
     return {"num_samples": 8, "trials": 30, "reference": {"steps": 8}, "show_progress": False, "validate": 2,
-            "y": labels, **kwargs}
+            "features": latent_features(max_dim=16), "y": labels, **kwargs}  # small covariances: fast trials
 
 
 def _encoder_calls(model: uc.GenerativeModel, settings: dict) -> uc.EncoderUse:
