@@ -192,27 +192,13 @@ class Objective:
         parts = []
         for start in range(0, self.noise.shape[0], self.batch_size):
             rows = slice(start, start + self.batch_size)
-            kwargs = self._kwargs(rows)
+            kwargs = rows_of(self.model_kwargs, self.noise.shape[0], rows)
             gens = [torch.Generator().manual_seed(s) for s in self.row_seeds[rows]] \
                 if settings.get("stochasticity", 0.0) != 0.0 else None
             with torch.no_grad():
                 parts.append(sample(model_fn, self.noise[rows], transport=self.transport, generator=gens,
                                     **settings, **kwargs).cpu())
         return torch.cat(parts)
-
-    def _kwargs(self, rows: slice) -> dict[str, Any]:
-        """The model keyword arguments of these noise rows (per-sample tensors sliced, the rest as given)."""
-        return {k: (v[rows] if torch.is_tensor(v) and v.shape[:1] == self.noise.shape[:1] else v)
-                for k, v in self.model_kwargs.items()}
-
-    def shares_encoder(self) -> bool:
-        """Whether the network computes its condition encoder through `sharing.shared_encoder` (one probe forward
-        of one sample, counted in an `EncoderUse`), so that `encoder_refresh` may be searched."""
-        use = EncoderUse()
-        with torch.no_grad():
-            sample(self.model_fn, self.noise[:1], transport=self.transport, steps=1, encoder_use=use,
-                   **self._kwargs(slice(0, 1)))
-        return use.decoder_evals > 0
 
     def __call__(self, settings: dict[str, Any]) -> float:
         sample_kwargs = {k: v for k, v in settings.items() if not k.startswith("cfg_")}
@@ -225,6 +211,21 @@ class Objective:
         """Frechet distance of any samples (e.g. another solver's, of the same noise) to the reference."""
         with np.errstate(all="ignore"):
             return frechet_to(self.features(samples), self.ref)
+
+
+def rows_of(model_kwargs: Mapping[str, Any], n: int, rows: slice) -> dict[str, Any]:
+    """The model keyword arguments of these noise rows (per-sample tensors of n rows sliced, the rest as given)."""
+    return {k: (v[rows] if torch.is_tensor(v) and v.shape[:1] == (n,) else v) for k, v in model_kwargs.items()}
+
+
+def shares_encoder(model_fn: ModelFn, noise: Tensor, transport: Transport, model_kwargs: Mapping[str, Any]) -> bool:
+    """Whether the network computes its condition encoder through `sharing.shared_encoder` (one probe forward
+    of one sample, counted in an `EncoderUse`), so that `encoder_refresh` may be searched."""
+    use = EncoderUse()
+    with torch.no_grad():
+        sample(model_fn, noise[:1], transport=transport, steps=1, encoder_use=use,
+               **rows_of(model_kwargs, noise.shape[0], slice(0, 1)))
+    return use.decoder_evals > 0
 
 
 def _to_unit(dims: Sequence[Dim], settings: Mapping[str, Any]) -> list[float]:
@@ -386,15 +387,15 @@ def search_outcome(
               "inputs": _digest(noise, model_kwargs)}
     if encoder_evals is not None:  # only then: the logs of searches without a budget stay valid
         header["encoder_evals"] = encoder_evals
+    if encoder_evals is not None and not shares_encoder(model_fn, noise, transport, model_kwargs):
+        raise UCGMError(f"encoder_evals={encoder_evals}: this model's network does not share its condition "
+                        "encoder (sharing.shared_encoder); search it without an encoder budget")
     trial_log = TrialLog(Path(log) if log is not None else None, json.loads(json.dumps(header)))
     with progress("trial", "best", enabled=show_progress) as bar:
         task = bar.add_task(f"search NFE {nfe}", total=trials + validate, best="")
         features = features or latent_features()
         objectives = [Objective(model_fn, n, transport, s, features, reference, guided_fn, batch_size, model_kwargs,
                                 ref) for n, s, ref in _inputs(noise, seed, validate, reference_stats, device)]
-        if encoder_evals is not None and not objectives[0].shares_encoder():
-            raise UCGMError(f"encoder_evals={encoder_evals}: this model's network does not share its condition "
-                            "encoder (sharing.shared_encoder); search it without an encoder budget")
         outcome = _Search(objectives[0], nfe, dims, trial_log, trials, seed, bar, task,
                           objectives[-1] if validate else None, validate).run(start)
     outcome.reference_stats = [o.ref for o in objectives]
