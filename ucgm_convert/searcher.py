@@ -10,7 +10,9 @@ noise) is the same in every trial, so two settings are compared on equal draws.
 
 Search space: per structure (order 1, solver "multistep", the reference's order 2), the
 Kumaraswamy warp (a, b, c) in [1/4, 4] (log scale), extrapolation in [0, 1], stochasticity in [0, 1],
-start gap in [0, 0.2] and end gap in [0, 0.8]; optionally guidance scale and interval. Optimiser:
+start gap in [0, 0.2] and end gap in [0, 0.8]; optionally guidance scale and interval, and (with an
+`encoder_evals` budget E, for a network that shares its condition encoder) the integer `encoder_refresh` r
+in [r_min, nfe], r_min the smallest r with count_encoder_evals = ceil(nfe / r) <= E. Optimiser:
 a coarse grid over every structure, then CMA-ES (`cma`) from the best grid point in the unit cube
 for the rest of the trial budget; the `validate` best settings (and the starts) are then re-measured
 on independent validation noise and the pick minimises the mean of both distances. Each trial is one
@@ -23,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +38,11 @@ from torch import Tensor
 from .console import progress
 from .errors import UCGMError
 from .metrics.fid import FeatureStats, frechet_distance
-from .sampler import ModelFn, count_nfe, num_grid_points, sample
+from .sampler import ModelFn, count_encoder_evals, count_nfe, num_grid_points, sample
 from .seeding import sample_seed
+from .sharing import EncoderUse
 from .transports import Transport, get_transport
+from .trial_log import TrialLog
 
 Features = Callable[[Tensor], np.ndarray]
 GuidedFn = Callable[[float, tuple[float, float]], ModelFn]
@@ -54,21 +57,25 @@ DECIMALS = 4  # settings are rounded before evaluation, so what is written is ex
 
 @dataclass(frozen=True)
 class Dim:
-    """One searched setting: u in [0, 1] maps to lo + u (hi - lo), or geometrically when `log`."""
+    """One searched setting: u in [0, 1] maps to lo + u (hi - lo), or geometrically when `log`; rounded to
+    the nearest integer when `integer`."""
 
     name: str
     lo: float
     hi: float
     log: bool = False
+    integer: bool = False
 
     def value(self, u: float) -> float:
         u = min(max(float(u), 0.0), 1.0)
         v = self.lo * (self.hi / self.lo) ** u if self.log else self.lo + u * (self.hi - self.lo)
-        return round(v, DECIMALS)
+        return round(v) if self.integer else round(v, DECIMALS)
 
     def unit(self, v: float) -> float:
         """The inverse map (a start point given as settings), clipped to [0, 1]."""
         v = min(max(float(v), self.lo), self.hi)
+        if self.hi == self.lo:
+            return 0.0
         u = math.log(v / self.lo) / math.log(self.hi / self.lo) if self.log else (v - self.lo) / (self.hi - self.lo)
         return min(max(u, 0.0), 1.0)
 
@@ -103,6 +110,8 @@ class Structure:
                  "gaps": [values["gap_start"], gap_end]}
         if "cfg_scale" in values:
             found |= {"cfg_scale": values["cfg_scale"], "cfg_interval": [values["cfg_lo"], values["cfg_hi"]]}
+        if "encoder_refresh" in values:
+            found["encoder_refresh"] = int(values["encoder_refresh"])
         return found
 
 
@@ -110,6 +119,15 @@ def structures(nfe: int) -> list[Structure]:
     """The solver structures that can spend exactly `nfe` evaluations: order 1, the one-evaluation multistep
     correction and the reference's order 2 (from 2 evaluations; with one they equal order 1)."""
     return [Structure(1)] + ([Structure(1, "multistep"), Structure(2)] if nfe >= 2 else [])
+
+
+def refresh_dim(nfe: int, encoder_evals: int) -> Dim:
+    """The searched `encoder_refresh` r under a budget of `encoder_evals` encoder evaluations: the integers from
+    the smallest r with count_encoder_evals(r) = ceil(nfe / r) <= budget (fewer encoder forwards as r grows) to nfe."""
+    if isinstance(encoder_evals, bool) or not isinstance(encoder_evals, int) or encoder_evals < 1:
+        raise UCGMError(f"encoder_evals must be an integer >= 1, got {encoder_evals!r}")
+    r_min = next(r for r in range(1, nfe + 1) if count_encoder_evals(nfe, 1, (0.001, 0.001), r) <= encoder_evals)
+    return Dim("encoder_refresh", r_min, nfe, integer=True)
 
 
 def latent_features(max_dim: int = MAX_FEATURE_DIM, seed: int = 0) -> Features:
@@ -145,62 +163,6 @@ def frechet_to(features: np.ndarray, ref: tuple[np.ndarray, np.ndarray]) -> floa
     return value if math.isfinite(value) else math.inf
 
 
-class TrialLog:
-    """The JSONL record of a search: a header naming what is searched, then one line per trial.
-
-    Appends are single `os.write` calls followed by fsync; a line torn by kill -9 (no newline)
-    is cut off when the log is reopened. A log whose header differs from this search is an error.
-    """
-
-    def __init__(self, path: Path | None, header: dict[str, Any]) -> None:
-        self.path = path
-        self.cache: dict[str, float] = {}
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lines = self._intact_lines(path)
-        if lines:
-            if json.loads(lines[0]) != header:
-                raise UCGMError(f"{path}: this trial log belongs to another search (other model, budget or "
-                                "settings); pass another --out or delete the file")
-            for line in lines[1:]:
-                entry = json.loads(line)
-                self.cache[entry["key"]] = math.inf if entry["distance"] is None else float(entry["distance"])
-        else:
-            self._append(header)
-
-    @staticmethod
-    def _intact_lines(path: Path) -> list[str]:
-        if not path.exists():
-            return []
-        data = path.read_bytes()
-        keep = data[: data.rfind(b"\n") + 1]
-        if len(keep) != len(data):
-            with open(path, "r+b") as f:
-                f.truncate(len(keep))
-        lines = [line for line in keep.decode("utf-8").splitlines() if line.strip()]
-        for i, line in enumerate(lines):
-            try:
-                json.loads(line)
-            except json.JSONDecodeError:
-                raise UCGMError(f"{path}: line {i + 1} is not JSON; not a trial log of `ucgm search`") from None
-        return lines
-
-    def _append(self, entry: dict[str, Any]) -> None:
-        if self.path is None:
-            return
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def record(self, key: str, distance: float) -> None:
-        self.cache[key] = distance
-        self._append({"key": key, "distance": distance if math.isfinite(distance) else None})
-
-
 @dataclass
 class Outcome:
     """The best setting found, its distance on the search noise, and every trial (settings, distance)."""
@@ -230,8 +192,7 @@ class Objective:
         parts = []
         for start in range(0, self.noise.shape[0], self.batch_size):
             rows = slice(start, start + self.batch_size)
-            kwargs = {k: (v[rows] if torch.is_tensor(v) and v.shape[:1] == self.noise.shape[:1] else v)
-                      for k, v in self.model_kwargs.items()}
+            kwargs = rows_of(self.model_kwargs, self.noise.shape[0], rows)
             gens = [torch.Generator().manual_seed(s) for s in self.row_seeds[rows]] \
                 if settings.get("stochasticity", 0.0) != 0.0 else None
             with torch.no_grad():
@@ -252,6 +213,21 @@ class Objective:
             return frechet_to(self.features(samples), self.ref)
 
 
+def rows_of(model_kwargs: Mapping[str, Any], n: int, rows: slice) -> dict[str, Any]:
+    """The model keyword arguments of these noise rows (per-sample tensors of n rows sliced, the rest as given)."""
+    return {k: (v[rows] if torch.is_tensor(v) and v.shape[:1] == (n,) else v) for k, v in model_kwargs.items()}
+
+
+def shares_encoder(model_fn: ModelFn, noise: Tensor, transport: Transport, model_kwargs: Mapping[str, Any]) -> bool:
+    """Whether the network computes its condition encoder through `sharing.shared_encoder` (one probe forward
+    of one sample, counted in an `EncoderUse`), so that `encoder_refresh` may be searched."""
+    use = EncoderUse()
+    with torch.no_grad():
+        sample(model_fn, noise[:1], transport=transport, steps=1, encoder_use=use,
+               **rows_of(model_kwargs, noise.shape[0], slice(0, 1)))
+    return use.decoder_evals > 0
+
+
 def _to_unit(dims: Sequence[Dim], settings: Mapping[str, Any]) -> list[float]:
     """A start setting (uc.sample keywords) as a point of the unit cube."""
     a, b, c = settings.get("time_dist", (1.0, 1.0, 1.0))
@@ -260,14 +236,16 @@ def _to_unit(dims: Sequence[Dim], settings: Mapping[str, Any]) -> list[float]:
     rho = settings.get("stochasticity", 0.0)
     named = {"a": a, "b": b, "c": c, "extrapolation": settings.get("extrapolation", 0.0),
              "stochasticity": 0.5 if isinstance(rho, str) else rho, "gap_start": g0, "gap_end": g1,
-             "cfg_scale": settings.get("cfg_scale", 1.0), "cfg_lo": lo, "cfg_hi": hi}
+             "cfg_scale": settings.get("cfg_scale", 1.0), "cfg_lo": lo, "cfg_hi": hi,
+             "encoder_refresh": settings.get("encoder_refresh", 1)}
     return [d.unit(named[d.name]) for d in dims]
 
 
 def grid_points(dims: Sequence[Dim], starts: Sequence[Mapping[str, Any]], nfe: int) -> list[list[float]]:
     """The coarse grid: the start settings, then c (where the steps bunch) x end gap (0.001, 0.5 / nfe: the last
     step of a uniform grid, 0.3, 0.6) x (extrapolation, stochasticity) in {(0, 0), (0.5, 0.2)}, with a = b = 1,
-    the default start gap and the first start's guidance."""
+    the default start gap, the first start's guidance and the smallest allowed encoder refresh; then, when it is
+    searched, the first such point at the smallest refresh of every other encoder-evaluation count."""
     points = [_to_unit(dims, s) for s in starts]
     guidance = {k: v for k, v in (starts[0] if starts else {}).items() if k.startswith("cfg_")}
     for c in (0.67, 1.0, 1.5):
@@ -275,6 +253,11 @@ def grid_points(dims: Sequence[Dim], starts: Sequence[Mapping[str, Any]], nfe: i
             for lam, rho in ((0.0, 0.0), (0.5, 0.2)):
                 points.append(_to_unit(dims, {"time_dist": (1.0, 1.0, c), "extrapolation": lam, "stochasticity": rho,
                                               "gaps": (0.001, g1), **guidance}))
+    refresh = next((d for d in dims if d.name == "encoder_refresh"), None)
+    if refresh is not None:
+        counts = {-(-nfe // r): r for r in range(int(refresh.hi), int(refresh.lo) - 1, -1)}  # count -> smallest r
+        first = {"time_dist": (1.0, 1.0, 0.67), "gaps": (0.001, 0.001), **guidance}
+        points += [_to_unit(dims, {**first, "encoder_refresh": r}) for r in sorted(counts.values())[1:]]
     return points
 
 
@@ -375,6 +358,7 @@ def search_outcome(
     show_progress: bool = True,
     reference_stats: Sequence[Stats] = (),
     validate: int = 5,
+    encoder_evals: int | None = None,
     **model_kwargs: Any,
 ) -> Outcome:
     """`search` with its record: the best setting, its distance on the search noise and every trial.
@@ -385,6 +369,8 @@ def search_outcome(
     `validate`: the number of best settings re-measured on independent validation noise (0: none).
     `reference_stats`: `Outcome.reference_stats` of an earlier search of the same model, noise and
     reference settings (other budgets), so each many-step reference is drawn once.
+    `encoder_evals`: a budget of condition-encoder evaluations per sample for a network that shares its encoder
+    (`sharing`); `encoder_refresh` is then searched within it. None: recomputed at every evaluation.
     """
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise UCGMError(f"nfe must be an integer >= 1, got {nfe!r}")
@@ -393,11 +379,17 @@ def search_outcome(
     transport = get_transport(transport)
     reference = dict(reference or DEFAULT_REFERENCE)
     noise = torch.randn((num_samples, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
-    dims = SAMPLER_DIMS + (GUIDANCE_DIMS if guided_fn is not None else ())
+    dims = SAMPLER_DIMS + (GUIDANCE_DIMS if guided_fn is not None else ()) + \
+        ((refresh_dim(nfe, encoder_evals),) if encoder_evals is not None else ())
     header = {"version": LOG_VERSION, "nfe": nfe, "transport": transport.name, "num_samples": num_samples,
               "seed": seed, "trials": trials, "reference": reference, "guidance": guided_fn is not None,
               "start": [dict(s) for s in start], "fingerprint": dict(fingerprint or {}), "validate": validate,
               "inputs": _digest(noise, model_kwargs)}
+    if encoder_evals is not None:  # only then: the logs of searches without a budget stay valid
+        header["encoder_evals"] = encoder_evals
+    if encoder_evals is not None and not shares_encoder(model_fn, noise, transport, model_kwargs):
+        raise UCGMError(f"encoder_evals={encoder_evals}: this model's network does not share its condition "
+                        "encoder (sharing.shared_encoder); search it without an encoder budget")
     trial_log = TrialLog(Path(log) if log is not None else None, json.loads(json.dumps(header)))
     with progress("trial", "best", enabled=show_progress) as bar:
         task = bar.add_task(f"search NFE {nfe}", total=trials + validate, best="")
@@ -462,3 +454,9 @@ def at_nfe(settings: Mapping[str, Any], nfe: int) -> dict[str, Any]:
 def nfe_of(settings: Mapping[str, Any]) -> int:
     """Model evaluations of a found setting (`count_nfe`)."""
     return count_nfe(settings["steps"], settings["order"], settings["gaps"])
+
+
+def encoder_evals_of(settings: Mapping[str, Any]) -> int:
+    """Condition-encoder evaluations of a found setting (`count_encoder_evals`; NFE when it is not shared)."""
+    return count_encoder_evals(settings["steps"], settings["order"], settings["gaps"],
+                               settings.get("encoder_refresh", 1))

@@ -11,6 +11,8 @@ Objective: the Frechet distance to `--reference-steps` Euler steps of the same m
 base settings' guidance (`features`: the latents, or the decoded pixels). With --search-guidance
 the guidance scale and interval are searched as well, against the same target: the base
 settings' guided distribution at many steps (not the unguided one, which guidance would move away from).
+With --encoder-evals E (a network that shares its condition encoder, e.g. DDT) `encoder_refresh` is searched
+too, within E encoder evaluations per sample; the table reports encoder and decoder evaluations separately.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pydantic import BeforeValidator, Field
 
 from ..baselines import run_baseline
 from ..console import SILENT, Reporter
+from ..errors import UCGMError
 from ..foundation import DTYPES, output_folder, resolve_device, write_file_atomic, write_text_atomic
 from ..generation import balanced_labels, batches, model_fn
 from ..metrics.dinov2 import load_dinov2
@@ -36,7 +39,7 @@ from ..metrics.inception import load_inception
 from ..model import GenerativeModel
 from ..recipe import Recipe
 from ..sampler import ModelFn
-from ..searcher import Objective, at_nfe, latent_features, nfe_of, search_outcome
+from ..searcher import Objective, at_nfe, encoder_evals_of, latent_features, nfe_of, search_outcome
 from ..settings import SamplingSettings
 from ..settings.base import Bool, Int, Settings, choice
 from ..vae import decode, to_uint8
@@ -81,6 +84,9 @@ class SearchConfig(Settings):
                                          "for --features inception|dinov2. Default: the cached download.")
     search_guidance: Bool = Field(default=False, description="Also search the guidance scale and interval "
                                   "(target: the base settings' guided samples at many steps).")
+    encoder_evals: Int | None = Field(default=None, ge=1, le=MAX_NFE, description="Budget of condition-encoder "
+                                      "evaluations per sample (models whose network shares its encoder, e.g. DDT): "
+                                      "the encoder refresh rate is searched within it. Default: every evaluation.")
     seed: Int = Field(default=0, ge=0, le=2**31 - 1, description="Seed of the search noise (seed + 1: the table's).")
     batch_size: Int = Field(default=1024, ge=1, le=65_536, description="Samples per batch (does not change results).")
     out: Path = Field(default=Path("search"), description="Output folder for nfe-N.yaml, table.csv/json, "
@@ -158,6 +164,9 @@ def run(config: SearchConfig, reporter: Reporter = SILENT) -> SearchResult:
     device = resolve_device(config.device)
     resolved = resolve(config.source, config.arch, device)
     model, recipe = resolved.model, base_recipe(resolved)
+    if config.encoder_evals is not None and not model.shares_encoder:
+        raise UCGMError(f"--encoder-evals: {resolved.source} ({model.family}) has no shareable condition encoder; "
+                        "drop the flag")
     base = recipe.sampling
     fn = model_fn(model, base, config.dtype)
     labels = torch.as_tensor(balanced_labels(config.num_samples, range(model.num_classes)), device=device)
@@ -167,7 +176,9 @@ def run(config: SearchConfig, reporter: Reporter = SILENT) -> SearchResult:
         "trials / samples": f"{config.trials} / {config.num_samples}",
         "objective": f"Frechet distance ({config.features}) to {config.reference_steps} Euler steps"
                      + (f" with CFG {base.cfg_scale}" if base.uses_guidance else ""),
-        "searched": "sampler" + (" + guidance scale and interval" if config.search_guidance else "")})
+        "searched": "sampler" + (" + guidance scale and interval" if config.search_guidance else "")
+                    + (f" + encoder refresh (<= {config.encoder_evals} encoder evaluations)"
+                       if config.encoder_evals is not None else "")})
     reference = {"steps": config.reference_steps, "order": 1}
     guidance = {"cfg_scale": base.cfg_scale, "cfg_interval": base.cfg_interval} if config.search_guidance else {}
     starts = [{**base.as_sample_kwargs(), **guidance}] + ([recipe.few_step_sampling.as_sample_kwargs()]
@@ -181,17 +192,18 @@ def run(config: SearchConfig, reporter: Reporter = SILENT) -> SearchResult:
             log=out / f"trials-nfe-{nfe}.jsonl", fingerprint={"source": resolved.source, "features": config.features,
                                                              "dtype": config.dtype},
             batch_size=config.batch_size, device=device, show_progress=reporter.enabled, reference_stats=ref,
-            y=labels)
+            encoder_evals=config.encoder_evals, y=labels)
         ref = outcome.reference_stats
         assert nfe_of(outcome.settings) == nfe
-        settings = base.replace(**outcome.settings)
+        settings = base.replace(**{"encoder_refresh": 1, **outcome.settings})  # what was measured, exactly
         path = out / f"nfe-{nfe}.yaml"
         # the recipe's own name: everything but `sampling` behaves as the base recipe (e.g. tune's demo data)
         found = recipe.replace(description=f"{recipe.description} (sampling: `ucgm search`, {nfe} NFE)".strip(),
                                sampling=settings)
         write_text_atomic(path, found.to_yaml())
         result.recipes[nfe], result.found[nfe] = path, outcome.settings
-        reporter.info(f"NFE {nfe}: distance {outcome.distance:.4g} on the search noise; wrote {path}")
+        reporter.info(f"NFE {nfe}: distance {outcome.distance:.4g} on the search noise "
+                      f"({encoder_evals_of(outcome.settings)} encoder evaluations); wrote {path}")
     result.rows = measure(model, base, result.found, config, features, reference, reporter)
     result.table, result.plot = write_table(out, result.rows)
     return result
@@ -212,16 +224,20 @@ def measure(model: GenerativeModel, base: SamplingSettings, found: dict[int, dic
                           _guided(model, base, config.dtype), config.batch_size, {"y": labels})
     rows = []
     for nfe, settings in found.items():
-        rows.append({"nfe": nfe, "method": "searched", "distance": objective(settings)})
+        counts = {"encoder_evals": nfe, "decoder_evals": nfe}  # per sample, CFG not doubled
+        rows.append({"nfe": nfe, "method": "searched", "distance": objective(settings),
+                     **counts, "encoder_evals": encoder_evals_of(settings)})
         rows.append({"nfe": nfe, "method": "base settings", "distance": objective(at_nfe(base.as_sample_kwargs(),
-                                                                                        nfe))})
+                                                                                        nfe)), **counts})
         for method, name in BASELINES.items():
             samples = torch.cat([run_baseline(name, fn, noise[r], nfe=nfe, transport=model.transport,
                                               y=labels[r]).samples.cpu()
                                  for r in batches(config.num_samples, config.batch_size)])
-            rows.append({"nfe": nfe, "method": method, "distance": objective.distance(samples)})
+            rows.append({"nfe": nfe, "method": method, "distance": objective.distance(samples), **counts})
     reporter.table("Frechet distance to the many-step reference, fresh noise (lower is better)", {
-        f"NFE {nfe}": "   ".join(f"{r['method']} {r['distance']:.4g}" for r in rows if r["nfe"] == nfe)
+        f"NFE {nfe}": "   ".join(f"{r['method']} {r['distance']:.4g}"
+                                  + (f" (encoder {r['encoder_evals']})" if r["encoder_evals"] != nfe else "")
+                                  for r in rows if r["nfe"] == nfe)
         for nfe in found})
     return rows
 
@@ -229,7 +245,7 @@ def measure(model: GenerativeModel, base: SamplingSettings, found: dict[int, dic
 def write_table(out: Path, rows: list[dict[str, Any]]) -> tuple[Path, Path]:
     """OUT/table.csv, OUT/table.json and OUT/distance.png (distance against NFE, one line per method)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["nfe", "method", "distance"])
+    writer = csv.DictWriter(buffer, fieldnames=["nfe", "method", "distance", "encoder_evals", "decoder_evals"])
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(out / "table.csv", buffer.getvalue())
