@@ -61,16 +61,19 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable[[
     """Wall time of `fn()` over `repeats` runs after `warmup` untimed ones; `sync` waits for a device."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if sync:
-            sync()
-        start = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - start)
+    times = [_wall(fn, sync) for _ in range(repeats)]
     return Timing(statistics.median(times), min(times), max(times))
+
+
+def _wall(fn: Callable[[], Any], sync: Callable[[], None] | None) -> float:
+    """Seconds of one `fn()`, the device synchronised before and after when `sync` is given."""
+    if sync:
+        sync()
+    start = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - start
 
 
 def rounds(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1,
@@ -87,14 +90,7 @@ def rounds(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1,
     names = list(fns)
     for r in range(repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            fn = fns[name]
-            if sync:
-                sync()
-            start = time.perf_counter()
-            fn()
-            if sync:
-                sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(_wall(fns[name], sync))
     return times
 
 
