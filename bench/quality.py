@@ -86,7 +86,7 @@ def methods() -> dict[str, Method]:
             seen.add(key)
             out[f"UCGM-S {recipe.name} ({recipe.transport})"] = ucgm_method(recipe.transport, **kwargs)
     out["UCGM-S order 2 (Linear)"] = ucgm_method("Linear", order=2)
-    # The multistep solvers want a last step of about 1/N (ucgm_convert/multistep.py; h-solver's notes).
+    # The multistep solvers want a last step of about 1/N (ucgm_convert/multistep.py).
     out["UCGM-S multistep, end gap 1/N (Linear)"] = ucgm_method("Linear", end_gap=1.0, solver="multistep")
     out["UCGM-S multistep-pc, end gap 1/N (Linear)"] = ucgm_method("Linear", end_gap=1.0, solver="multistep-pc")
     out.update({label: baseline_method(name) for label, name in BASELINES.items()})
