@@ -32,7 +32,14 @@ from pydantic import BeforeValidator, Field
 from ..baselines import run_baseline
 from ..console import SILENT, Reporter
 from ..errors import UCGMError
-from ..foundation import DTYPES, output_folder, resolve_device, write_file_atomic, write_text_atomic
+from ..foundation import (
+    SAMPLE_DTYPES,
+    output_folder,
+    resolve_device,
+    sampling_dtype,
+    write_file_atomic,
+    write_text_atomic,
+)
 from ..generation import balanced_labels, batches, model_fn
 from ..metrics.dinov2 import load_dinov2
 from ..metrics.inception import load_inception
@@ -94,8 +101,9 @@ class SearchConfig(Settings):
     overwrite: Bool = Field(default=False, description="Delete the trial logs of a previous search in --out first.")
     device: str | None = Field(default=None, description="Torch device (cpu, cuda, cuda:N). Default: cuda if "
                                "available, else cpu.")
-    dtype: choice(*DTYPES) = Field(default="float32", description="Network precision: float32, or bfloat16 / "  # type: ignore[valid-type]
-                                   "float16 autocast.")
+    dtype: choice(*SAMPLE_DTYPES) = Field(default="auto", description="Network precision: float32, tf32 (float32 "  # type: ignore[valid-type]
+                                          "weights, TF32 matmuls on CUDA), or bfloat16 / float16 autocast. auto: tf32 "
+                                          "on CUDA (the reference samples with TF32), float32 elsewhere.")
 
 
 @dataclass
@@ -162,6 +170,7 @@ def run(config: SearchConfig, reporter: Reporter = SILENT) -> SearchResult:
         for log in out.glob("trials-nfe-*.jsonl"):
             log.unlink()
     device = resolve_device(config.device)
+    config = config.replace(dtype=sampling_dtype(config.dtype, device.type))  # what runs (and what the logs record)
     resolved = resolve(config.source, config.arch, device)
     model, recipe = resolved.model, base_recipe(resolved)
     if config.encoder_evals is not None and not model.shares_encoder:
