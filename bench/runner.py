@@ -28,6 +28,7 @@ from .core import Options, Result
 BENCHMARKS = {m.__name__.rsplit(".", 1)[-1]: m for m in (sampler, guidance, tuning, loading, precision, quality, demo)}
 # The proofs of `uc.search` take tens of minutes on 2 CPU cores: run only when `--only` names them.
 LONG = {m.__name__.rsplit(".", 1)[-1]: m for m in (search_proof, search_demo)}
+ALL = {**BENCHMARKS, **LONG}
 
 
 def selected(only: str | None) -> list[str]:
@@ -35,9 +36,9 @@ def selected(only: str | None) -> list[str]:
     if only is None:
         return list(BENCHMARKS)
     names = [n.strip() for n in only.split(",") if n.strip()]
-    unknown = [n for n in names if n not in BENCHMARKS and n not in LONG]
+    unknown = [n for n in names if n not in ALL]
     if unknown or not names:
-        raise UCGMError(f"--only: expected names among {', '.join([*BENCHMARKS, *LONG])}, got {only!r}")
+        raise UCGMError(f"--only: expected names among {', '.join(ALL)}, got {only!r}")
     return names
 
 
@@ -83,7 +84,7 @@ def run_all(settings: BenchSettings) -> dict[str, Result]:
     results, start, cpu_start = {}, time.perf_counter(), time.process_time()
     for name in names:
         t0, c0 = time.perf_counter(), time.process_time()
-        result = {**BENCHMARKS, **LONG}[name].run(opts)
+        result = ALL[name].run(opts)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         save(result, opts, seconds, cpu)
         show(console, result, seconds, cpu)
