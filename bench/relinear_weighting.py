@@ -1,6 +1,6 @@
 """ReLinear and the UCGM-T consistency weighting: per-time losses, gradients, and tuning the demo.
 
-    python bench/relinear_weighting.py [--out runs/relinear] [--num 5000] [--skip-tune] [--json FILE]
+    python -m bench.relinear_weighting [--out runs/relinear] [--num 5000] [--skip-tune] [--json FILE]
 
 The objective's time distribution Beta(0.8, 1), its consistency weight 4 / sin(1.57 t), the
 cos(1.57 t) loss weighting and the enhanced range [0, 0.75] are written for noise at t = 1. ReLinear
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -32,8 +31,7 @@ from ucgm_convert.jobs.tune import TuneConfig
 from ucgm_convert.jobs.tune import run as tune
 from ucgm_convert.recipe import load_recipe
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_tune import fd_pixel, reference_stats
+from .demo_tune import fd_pixel, reference_stats
 
 FRAMES = {False: "transport", True: "noise-at-1"}  # the objective's time frame without / with mirroring
 

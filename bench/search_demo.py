@@ -1,6 +1,6 @@
 """Proof of `uc.search` on the embedded demo model: searched settings against recipes/demo.yaml at equal NFE.
 
-    python bench/search_demo.py [--nfe 2,4,8] [--trials 30] [--search-samples 512] [--num 2000] [--json FILE]
+    python -m bench.search_demo [--nfe 2,4,8] [--trials 30] [--search-samples 512] [--num 2000] [--json FILE]
 
 The search (labels balanced over the 10 classes, search noise seed 0) targets 64 Euler steps of
 the demo model with the recipe's guidance (CFG 1.5), in pixel space (the demo has no VAE). Every
@@ -20,14 +20,13 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from core import Options, Result
-from demo_tune import fd_pixel, reference_stats
-
 import ucgm_convert as uc
 from ucgm_convert.generation import balanced_labels, model_fn
 from ucgm_convert.recipe import load_recipe
 from ucgm_convert.searcher import at_nfe, search_outcome
+
+from .core import Options, Result
+from .demo_tune import fd_pixel, reference_stats
 
 TITLE = "uc.search vs recipes/demo.yaml on the demo model (FD_pixel to held-out images, fresh samples)"
 COLUMNS = ["NFE", "searched", "recipe sampling", "recipe few-step", "searched wins", "searched settings"]

@@ -1,7 +1,7 @@
 """Proof of `uc.search` on analytic Gaussian mixtures: searched settings against UniPC, DPM-Solver++ 2M
 and the published recipes' settings, at equal NFE, on FRESH noise.
 
-    python bench/search_proof.py [--quick] [--trials 120] [--json FILE]
+    python -m bench.search_proof [--quick] [--trials 120] [--json FILE]
 
 For each mixture (transport, dimension, components; exact network output, ucgm_convert.analytic)
 and each NFE in 2, 4, 6, 8, 10: `uc.search` (search noise seed 0, reference 1024 Euler steps
@@ -28,15 +28,14 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.ticker import NullFormatter
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from core import Options, Result
-
 import ucgm_convert as uc
 from ucgm_convert.analytic import GaussianMixture
 from ucgm_convert.baselines import run_baseline
 from ucgm_convert.recipe import list_recipes
 from ucgm_convert.searcher import at_nfe, search_outcome
 from ucgm_convert.seeding import sample_generators
+
+from .core import Options, Result
 
 TITLE = "uc.search vs UniPC / DPM-Solver++ 2M / recipes on analytic Gaussian mixtures (FD to truth, fresh noise)"
 COLUMNS = ["transport", "dim", "components", "NFE", "searched", "UniPC", "DPM++2M", "recipes", "beats solvers",

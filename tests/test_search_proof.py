@@ -1,15 +1,11 @@
-"""The quick case of bench/search_proof.py: searched settings beat UniPC, DPM-Solver++ 2M and the recipes."""
+"""The quick case of `python -m bench.search_proof`: searched settings beat UniPC, DPM-Solver++ 2M and the recipes."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import search_proof  # noqa: E402  (a script-style benchmark: it imports core from its folder)
-from core import Options  # noqa: E402
+from bench import search_proof
+from bench.core import Options
 
 
 def test_searched_settings_win_on_fresh_noise_on_a_small_mixture(tmp_path: Path) -> None:
